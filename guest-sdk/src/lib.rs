@@ -248,9 +248,7 @@ pub mod __private {
     pub use crate::bindings::__export_kiln_function as export;
     pub use crate::bindings::exports::kiln::function::handler::Guest as HandlerGuest;
     pub use crate::bindings::exports::kiln::function::lifecycle::Guest as LifecycleGuest;
-    pub use crate::bindings::kiln::function::types::{
-        Context as WitContext, FunctionError,
-    };
+    pub use crate::bindings::kiln::function::types::{Context as WitContext, FunctionError};
 
     use super::{Context, Error, runtime};
     use serde::Serialize;
@@ -337,7 +335,10 @@ mod tests {
 
     #[test]
     fn generic_type_names_keep_their_parameters() {
-        assert_eq!(short_type_name::<Vec<String>>(), "Vec<alloc::string::String>");
+        assert_eq!(
+            short_type_name::<Vec<String>>(),
+            "Vec<alloc::string::String>"
+        );
         assert_eq!(short_type_name::<u8>(), "u8");
     }
 

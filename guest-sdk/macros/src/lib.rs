@@ -83,7 +83,9 @@ fn expand(args: HandlerArgs, func: ItemFn) -> syn::Result<proc_macro2::TokenStre
     let name = &sig.ident;
     let init = match &args.init {
         Some(path) => quote!(::core::option::Option::Some(#path as fn() -> _)),
-        None => quote!(::core::option::Option::<fn() -> ::core::result::Result<(), ::kiln_sdk::Error>>::None),
+        None => quote!(
+            ::core::option::Option::<fn() -> ::core::result::Result<(), ::kiln_sdk::Error>>::None
+        ),
     };
     let exported = syn::Ident::new("__KilnFunction", Span::call_site());
 

@@ -271,7 +271,7 @@ impl Runtime {
 
 /// Distinguishes "not Wasm" and "core module" from a component before
 /// handing the bytes to the compiler, so the error says what to fix.
-fn check_component_header(bytes: &[u8]) -> Result<(), CompileError> {
+pub fn check_component_header(bytes: &[u8]) -> Result<(), CompileError> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(CompileError::NotWasm);
     }

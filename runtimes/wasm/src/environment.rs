@@ -103,34 +103,29 @@ impl Failure {
         match self {
             Failure::Timeout(_) => "Sandbox.Timedout".to_owned(),
             Failure::OutOfMemory { .. } => "Runtime.OutOfMemory".to_owned(),
-            Failure::Trap {
-                fatal: Some(f), ..
-            } => f.error_type.clone(),
+            Failure::Trap { fatal: Some(f), .. } => f.error_type.clone(),
             Failure::Trap { .. } => "Runtime.Trap".to_owned(),
             Failure::Exit(_) => "Runtime.ExitError".to_owned(),
         }
     }
 
-    /// Lambda-style `errorMessage`, prefixed with the request id as Lambda
-    /// does for failures of the runtime rather than of the handler.
-    pub fn error_message(&self, request_id: &str) -> String {
-        match self {
-            Failure::Timeout(t) => format!(
-                "RequestId: {request_id} Error: Task timed out after {:.2} seconds",
-                t.as_secs_f64()
-            ),
+    /// Lambda-style `errorMessage`. Within an invocation Lambda prefixes
+    /// failures of the runtime (not messages the guest reported itself) with
+    /// `RequestId: <id> Error: `; pass the request id for that, or `None` for
+    /// the init phase.
+    pub fn error_message(&self, request_id: Option<&str>) -> String {
+        let bare = match self {
+            Failure::Timeout(t) => format!("Task timed out after {:.2} seconds", t.as_secs_f64()),
             Failure::OutOfMemory { limit_mb } => format!(
-                "RequestId: {request_id} Error: Runtime exited: the function tried to use more than its MemorySize of {limit_mb} MB"
+                "Runtime exited: the function tried to use more than its MemorySize of {limit_mb} MB"
             ),
-            Failure::Trap {
-                fatal: Some(f), ..
-            } => f.message.clone(),
-            Failure::Trap { message, .. } => {
-                format!("RequestId: {request_id} Error: Runtime trapped: {message}")
-            }
-            Failure::Exit(code) => {
-                format!("RequestId: {request_id} Error: Runtime exited with status {code}")
-            }
+            Failure::Trap { fatal: Some(f), .. } => return f.message.clone(),
+            Failure::Trap { message, .. } => format!("Runtime trapped: {message}"),
+            Failure::Exit(code) => format!("Runtime exited with status {code}"),
+        };
+        match request_id {
+            Some(id) => format!("RequestId: {id} Error: {bare}"),
+            None => bare,
         }
     }
 }
@@ -226,8 +221,8 @@ impl Environment {
         }
         preopen(&config.tmp_dir, "/tmp", FsPerms::ReadWrite)?;
 
-        let memory_limit = usize::try_from(u64::from(config.memory_limit_mb) << 20)
-            .unwrap_or(usize::MAX);
+        let memory_limit =
+            usize::try_from(u64::from(config.memory_limit_mb) << 20).unwrap_or(usize::MAX);
         let state = HostState {
             wasi: wasi.build(),
             table: Default::default(),
@@ -384,10 +379,10 @@ impl Environment {
             memory_limit_mb: self.memory_limit_mb,
             trace_id: ctx.trace_id.clone(),
         };
-        let call = self
-            .bindings
-            .kiln_function_handler()
-            .call_handle(&mut self.store, event, &wit_ctx);
+        let call =
+            self.bindings
+                .kiln_function_handler()
+                .call_handle(&mut self.store, event, &wit_ctx);
         let result = tokio::time::timeout_at(deadline.into(), call).await;
         let outcome = match result {
             Ok(Ok(Ok(response))) => Outcome::Response(response),

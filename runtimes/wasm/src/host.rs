@@ -4,7 +4,7 @@
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Result, ResourceLimiter};
+use wasmtime::{ResourceLimiter, Result};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::kiln::function::{runtime, types};
@@ -172,7 +172,10 @@ mod tests {
         };
         assert!(l.memory_growing(0, 64 << 20, None).unwrap());
         assert!(l.memory_growing(64 << 20, 128 << 20, None).unwrap());
-        assert!(l.memory_growing(128 << 20, (128 << 20) + 65536, None).is_err());
+        assert!(
+            l.memory_growing(128 << 20, (128 << 20) + 65536, None)
+                .is_err()
+        );
         assert!(l.memory_exceeded);
         assert_eq!(l.peak_memory, 128 << 20);
     }

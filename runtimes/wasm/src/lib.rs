@@ -30,9 +30,9 @@ mod environment;
 mod host;
 mod logs;
 
-pub use engine::{CompileError, FunctionCode, Runtime, RuntimeConfig};
+pub use engine::{CompileError, FunctionCode, Runtime, RuntimeConfig, check_component_header};
 pub use environment::{
-    EnvironmentConfig, Environment, EnvironmentError, Failure, InitOutcome, InvocationContext,
+    Environment, EnvironmentConfig, EnvironmentError, Failure, InitOutcome, InvocationContext,
     InvokeOutcome, Outcome,
 };
 pub use host::FunctionError;

@@ -209,7 +209,11 @@ impl Pollable for LogSink {
 }
 
 impl AsyncWrite for LogSink {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         LogSink::write(&self, buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -234,7 +238,10 @@ mod tests {
         sink.write(b"0123456789abcdef");
         let out = String::from_utf8(sink.take()).unwrap();
         assert!(out.starts_with("0123456789\n[kiln] 6 bytes"), "{out}");
-        assert!(sink.take().is_empty(), "take drains the buffer and the count");
+        assert!(
+            sink.take().is_empty(),
+            "take drains the buffer and the count"
+        );
     }
 
     #[test]

@@ -91,9 +91,7 @@ fn response(outcome: Outcome) -> Value {
 async fn hello_answers_with_a_greeting_and_its_context() {
     let f = Fixture::new(4);
     let mut env = f.environment("hello", "e1").await;
-    let out = env
-        .invoke(br#"{"name":"Ada"}"#, &ctx(3000))
-        .await;
+    let out = env.invoke(br#"{"name":"Ada"}"#, &ctx(3000)).await;
     let body = response(out.outcome);
     assert_eq!(body["greeting"], "Hello, Ada!");
     assert_eq!(body["request_id"], "11111111-2222-3333-4444-555555555555");
@@ -118,7 +116,10 @@ async fn the_context_reaches_the_guest() {
         .unwrap()
         .as_millis() as u64;
     let deadline = body["deadline_ms"].as_u64().unwrap();
-    assert!(deadline > now_ms && deadline <= now_ms + 3000, "{deadline} vs {now_ms}");
+    assert!(
+        deadline > now_ms && deadline <= now_ms + 3000,
+        "{deadline} vs {now_ms}"
+    );
 }
 
 #[tokio::test]
@@ -131,7 +132,9 @@ async fn compiled_components_are_cached_on_disk() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert!(
-        cached.iter().any(|n| n.starts_with("hello-key-") && n.ends_with(".cwasm")),
+        cached
+            .iter()
+            .any(|n| n.starts_with("hello-key-") && n.ends_with(".cwasm")),
         "{cached:?}"
     );
     // A second runtime on the same cache deserializes instead of compiling.
@@ -185,7 +188,10 @@ async fn handler_errors_keep_the_environment() {
         other => panic!("{other:?}"),
     }
     assert!(!env.is_poisoned());
-    assert_eq!(response(call(&mut env, "echo", json!(7), 3000).await), json!(7));
+    assert_eq!(
+        response(call(&mut env, "echo", json!(7), 3000).await),
+        json!(7)
+    );
 }
 
 #[tokio::test]
@@ -195,7 +201,10 @@ async fn a_panic_is_reported_with_its_message_and_poisons_the_environment() {
     match call(&mut env, "panic", json!("now"), 3000).await {
         Outcome::Failed(failure @ Failure::Trap { .. }) => {
             assert_eq!(failure.error_type(), "Panic");
-            assert!(failure.error_message("r").contains("boom: \"now\""), "{failure:?}");
+            assert!(
+                failure.error_message(Some("r")).contains("boom: \"now\""),
+                "{failure:?}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -213,10 +222,13 @@ async fn a_spinning_guest_is_stopped_at_its_deadline() {
     let start = std::time::Instant::now();
     let out = call(&mut env, "spin", Value::Null, 300).await;
     let took = start.elapsed();
-    assert_eq!(out, Outcome::Failed(Failure::Timeout(Duration::from_millis(300))));
+    assert_eq!(
+        out,
+        Outcome::Failed(Failure::Timeout(Duration::from_millis(300)))
+    );
     assert!(took < Duration::from_millis(1500), "took {took:?}");
     assert_eq!(
-        Failure::Timeout(Duration::from_millis(300)).error_message("r"),
+        Failure::Timeout(Duration::from_millis(300)).error_message(Some("r")),
         "RequestId: r Error: Task timed out after 0.30 seconds"
     );
     assert!(env.is_poisoned());
@@ -228,7 +240,10 @@ async fn a_guest_blocked_in_the_host_is_stopped_at_its_deadline() {
     let mut env = f.environment("misbehave", "e1").await;
     let start = std::time::Instant::now();
     let out = call(&mut env, "sleep", json!(10_000), 300).await;
-    assert!(matches!(out, Outcome::Failed(Failure::Timeout(_))), "{out:?}");
+    assert!(
+        matches!(out, Outcome::Failed(Failure::Timeout(_))),
+        "{out:?}"
+    );
     assert!(start.elapsed() < Duration::from_millis(1500));
 }
 
@@ -236,9 +251,7 @@ async fn a_guest_blocked_in_the_host_is_stopped_at_its_deadline() {
 async fn memory_growth_past_the_limit_is_out_of_memory() {
     let f = Fixture::new(4);
     let mut env = f.environment("misbehave", "e1").await;
-    let out = env
-        .invoke(br#"{"action":"grow"}"#, &ctx(10_000))
-        .await;
+    let out = env.invoke(br#"{"action":"grow"}"#, &ctx(10_000)).await;
     assert_eq!(
         out.outcome,
         Outcome::Failed(Failure::OutOfMemory { limit_mb: 128 })
@@ -271,7 +284,11 @@ async fn output_floods_are_bounded() {
     assert_eq!(response(out.outcome), json!(2048));
     assert!(out.logs.len() < 64 * 1024 + 200, "{}", out.logs.len());
     let text = String::from_utf8_lossy(&out.logs);
-    assert!(text.contains("bytes of log output were dropped"), "{}", &text[text.len() - 200..]);
+    assert!(
+        text.contains("bytes of log output were dropped"),
+        "{}",
+        &text[text.len() - 200..]
+    );
 }
 
 #[tokio::test]
@@ -329,9 +346,13 @@ async fn environment_variables_are_the_configured_ones() {
 async fn init_errors_and_panics_fail_the_environment() {
     let f = Fixture::new(4);
     let code = f.code("misbehave");
-    let mut env = Environment::create(&f.runtime, &code, f.config("e1", &[("INIT_ACTION", "fail")]))
-        .await
-        .unwrap();
+    let mut env = Environment::create(
+        &f.runtime,
+        &code,
+        f.config("e1", &[("INIT_ACTION", "fail")]),
+    )
+    .await
+    .unwrap();
     let init = env.init(Duration::from_secs(10)).await;
     match init.result {
         Err(Outcome::Error(e)) => assert_eq!(e.error_type, "InitFailed"),
@@ -339,21 +360,35 @@ async fn init_errors_and_panics_fail_the_environment() {
     }
     assert!(env.is_poisoned());
 
-    let mut env = Environment::create(&f.runtime, &code, f.config("e2", &[("INIT_ACTION", "spin")]))
-        .await
-        .unwrap();
+    let mut env = Environment::create(
+        &f.runtime,
+        &code,
+        f.config("e2", &[("INIT_ACTION", "spin")]),
+    )
+    .await
+    .unwrap();
     let init = env.init(Duration::from_millis(200)).await;
-    assert!(matches!(init.result, Err(Outcome::Failed(Failure::Timeout(_)))));
+    assert!(matches!(
+        init.result,
+        Err(Outcome::Failed(Failure::Timeout(_)))
+    ));
 }
 
 #[tokio::test]
 async fn the_pool_bounds_the_number_of_environments() {
     let f = Fixture::new(2);
     let code = f.code("hello");
-    let a = Environment::create(&f.runtime, &code, f.config("a", &[])).await.unwrap();
-    let _b = Environment::create(&f.runtime, &code, f.config("b", &[])).await.unwrap();
+    let a = Environment::create(&f.runtime, &code, f.config("a", &[]))
+        .await
+        .unwrap();
+    let _b = Environment::create(&f.runtime, &code, f.config("b", &[]))
+        .await
+        .unwrap();
     let third = Environment::create(&f.runtime, &code, f.config("c", &[])).await;
-    assert!(matches!(third, Err(EnvironmentError::Capacity(_))), "{third:?}");
+    assert!(
+        matches!(third, Err(EnvironmentError::Capacity(_))),
+        "{third:?}"
+    );
     drop(a);
     Environment::create(&f.runtime, &code, f.config("c", &[]))
         .await

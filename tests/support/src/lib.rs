@@ -82,7 +82,10 @@ mod tests {
         let msgs = br#"{"reason":"compiler-artifact","target":{"name":"serde"},"filenames":["/t/libserde.rlib"]}
 {"reason":"compiler-artifact","target":{"name":"my_fn"},"filenames":["/t/my_fn.wasm"]}
 {"reason":"build-finished","success":true}"#;
-        assert_eq!(artifact(msgs, "my-fn"), Some(PathBuf::from("/t/my_fn.wasm")));
+        assert_eq!(
+            artifact(msgs, "my-fn"),
+            Some(PathBuf::from("/t/my_fn.wasm"))
+        );
         assert_eq!(artifact(msgs, "other"), None);
     }
 }

@@ -30,7 +30,9 @@ fn run(event: Request, ctx: &Context) -> Result<Value, Error> {
             "trace_id": ctx.trace_id,
             "remaining_ms": ctx.remaining_time().as_millis() as u64,
         })),
-        "env" => Ok(json!(std::env::vars().collect::<std::collections::BTreeMap<_, _>>())),
+        "env" => Ok(json!(
+            std::env::vars().collect::<std::collections::BTreeMap<_, _>>()
+        )),
         "error" => Err(Error::new("Custom", "requested failure")),
         "panic" => panic!("boom: {}", event.arg),
         "spin" => {
@@ -87,8 +89,24 @@ fn run(event: Request, ctx: &Context) -> Result<Value, Error> {
             std::fs::write("/tmp/count", n.to_string())?;
             Ok(json!(n))
         }
+        "whoami" => {
+            std::thread::sleep(Duration::from_millis(event.arg.as_u64().unwrap_or(0)));
+            let n: u64 = std::fs::read_to_string("/tmp/whoami")
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+                + 1;
+            std::fs::write("/tmp/whoami", n.to_string())?;
+            Ok(json!({
+                "stream": std::env::var("AWS_LAMBDA_LOG_STREAM_NAME").unwrap_or_default(),
+                "count": n,
+            }))
+        }
         "big" => Ok(json!("y".repeat(event.arg.as_u64().unwrap_or(0) as usize))),
-        other => Err(Error::new("UnknownAction", format!("no action named {other}"))),
+        other => Err(Error::new(
+            "UnknownAction",
+            format!("no action named {other}"),
+        )),
     }
 }
 

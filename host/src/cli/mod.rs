@@ -1,0 +1,290 @@
+//! The `kiln` command line: the server (`serve`) and the author's tools
+//! (`build`, `deploy`, `invoke`).
+
+pub mod build;
+pub mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use base64::Engine as _;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+use client::{Client, Endpoint, Output, path_segment};
+
+/// kiln: a self-hosted, Lambda-compatible function platform.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server: the Lambda API and the functions.
+    #[command(after_help = "Example:\n  kiln serve --listen 127.0.0.1:9000 --data-dir ./.kiln")]
+    Serve(ServeArgs),
+    /// Build a function crate into a deployable zip (a component at function.wasm).
+    #[command(after_help = "Example:\n  kiln build examples/hello --output hello.zip")]
+    Build {
+        /// The function crate (a directory with Cargo.toml).
+        path: PathBuf,
+        /// Where to write the zip (default: <crate>.zip).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Create a function, or update its code if it exists.
+    #[command(
+        after_help = "Examples:\n  kiln deploy hello examples/hello\n  kiln deploy hello hello.zip --memory 256 --timeout 10"
+    )]
+    Deploy(DeployArgs),
+    /// Invoke a function and print its response.
+    #[command(
+        after_help = "Examples:\n  kiln invoke hello --payload '{\"name\":\"Ada\"}'\n  kiln invoke hello --output json"
+    )]
+    Invoke(InvokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address of the API.
+    #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:9000")]
+    pub listen: SocketAddr,
+    /// Where kiln keeps its state.
+    #[arg(long, env = "KILN_DATA_DIR", default_value = ".kiln")]
+    pub data_dir: PathBuf,
+    /// Region in ARNs.
+    #[arg(long, env = "KILN_REGION", default_value = "us-east-1")]
+    pub region: String,
+    /// Account id in ARNs (12 digits).
+    #[arg(long, env = "KILN_ACCOUNT_ID", default_value = "000000000000")]
+    pub account_id: String,
+    /// Most execution environments alive at once.
+    #[arg(long, default_value_t = 1000)]
+    pub max_environments: u32,
+    /// Seconds an idle environment is kept warm.
+    #[arg(long, default_value_t = 600)]
+    pub idle_timeout: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The function's name.
+    pub name: String,
+    /// A zip built by `kiln build`, or a function crate to build.
+    pub code: PathBuf,
+    /// MemorySize in MB (128-10240).
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// Timeout in seconds (1-900).
+    #[arg(long)]
+    pub timeout: Option<u32>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Execution role ARN for a new function.
+    #[arg(long, default_value = "arn:aws:iam::000000000000:role/kiln-function")]
+    pub role: String,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InvokeArgs {
+    /// Function name or ARN, optionally with :qualifier.
+    pub name: String,
+    /// The event, as JSON.
+    #[arg(long, default_value = "{}")]
+    pub payload: String,
+    /// Print the log tail of the invocation to stderr.
+    #[arg(long)]
+    pub log: bool,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+}
+
+/// Runs a client subcommand; `serve` is handled by the caller.
+pub async fn run_client(command: Command) -> Result<i32> {
+    match command {
+        Command::Serve(_) => unreachable!("serve is not a client command"),
+        Command::Build { path, output } => {
+            let built = build::build(&path, output.as_deref())?;
+            eprintln!(
+                "built {} ({} bytes): deploy it with `kiln deploy {} {}`",
+                built.zip.display(),
+                built.zip_size,
+                built.name,
+                built.zip.display()
+            );
+            Ok(0)
+        }
+        Command::Deploy(args) => deploy(args).await,
+        Command::Invoke(args) => invoke(args).await,
+    }
+}
+
+async fn deploy(args: DeployArgs) -> Result<i32> {
+    let zip = if args.code.is_dir() {
+        let out = std::env::temp_dir().join(format!("kiln-deploy-{}.zip", std::process::id()));
+        let built = build::build(&args.code, Some(&out))?;
+        let bytes = std::fs::read(&built.zip)?;
+        let _ = std::fs::remove_file(&built.zip);
+        bytes
+    } else {
+        std::fs::read(&args.code).with_context(|| format!("reading {}", args.code.display()))?
+    };
+    let mut variables = serde_json::Map::new();
+    for pair in &args.env {
+        let Some((k, v)) = pair.split_once('=') else {
+            bail!("--env {pair:?} is not KEY=VALUE");
+        };
+        variables.insert(k.to_owned(), Value::String(v.to_owned()));
+    }
+    let client = Client::new(&args.endpoint)?;
+    let name = path_segment(&args.name);
+    let zip_b64 = base64::engine::general_purpose::STANDARD.encode(&zip);
+    let existing = client
+        .send(
+            reqwest::Method::GET,
+            &format!("/2015-03-31/functions/{name}"),
+            &[],
+            vec![],
+        )
+        .await?;
+    let config = if existing.status == 404 {
+        let mut body = json!({
+            "FunctionName": args.name,
+            "Runtime": "wasip2",
+            "Role": args.role,
+            "Handler": build::COMPONENT_IN_ZIP,
+            "Code": { "ZipFile": zip_b64 },
+        });
+        if let Some(m) = args.memory {
+            body["MemorySize"] = m.into();
+        }
+        if let Some(t) = args.timeout {
+            body["Timeout"] = t.into();
+        }
+        if !variables.is_empty() {
+            body["Environment"] = json!({ "Variables": variables });
+        }
+        client
+            .send(
+                reqwest::Method::POST,
+                "/2015-03-31/functions",
+                &[],
+                serde_json::to_vec(&body)?,
+            )
+            .await?
+            .into_success()?
+            .json()?
+    } else {
+        existing.into_success()?;
+        let mut config = client
+            .send(
+                reqwest::Method::PUT,
+                &format!("/2015-03-31/functions/{name}/code"),
+                &[],
+                serde_json::to_vec(&json!({ "ZipFile": zip_b64 }))?,
+            )
+            .await?
+            .into_success()?
+            .json()?;
+        if args.memory.is_some() || args.timeout.is_some() || !variables.is_empty() {
+            let mut body = json!({});
+            if let Some(m) = args.memory {
+                body["MemorySize"] = m.into();
+            }
+            if let Some(t) = args.timeout {
+                body["Timeout"] = t.into();
+            }
+            if !variables.is_empty() {
+                body["Environment"] = json!({ "Variables": variables });
+            }
+            config = client
+                .send(
+                    reqwest::Method::PUT,
+                    &format!("/2015-03-31/functions/{name}/configuration"),
+                    &[],
+                    serde_json::to_vec(&body)?,
+                )
+                .await?
+                .into_success()?
+                .json()?;
+        }
+        config
+    };
+    match args.endpoint.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&config)?),
+        Output::Text => println!(
+            "deployed {} ({} bytes, CodeSha256 {}, {} MB, {} s timeout)",
+            config["FunctionArn"].as_str().unwrap_or(&args.name),
+            config["CodeSize"],
+            config["CodeSha256"].as_str().unwrap_or_default(),
+            config["MemorySize"],
+            config["Timeout"],
+        ),
+    }
+    Ok(0)
+}
+
+async fn invoke(args: InvokeArgs) -> Result<i32> {
+    if let Err(e) = serde_json::from_str::<Value>(&args.payload) {
+        bail!("--payload is not JSON: {e}");
+    }
+    let client = Client::new(&args.endpoint)?;
+    let mut headers = vec![];
+    if args.log || args.endpoint.output == Output::Json {
+        headers.push(("x-amz-log-type", "Tail"));
+    }
+    let response = client
+        .send(
+            reqwest::Method::POST,
+            &format!(
+                "/2015-03-31/functions/{}/invocations",
+                path_segment(&args.name)
+            ),
+            &headers,
+            args.payload.into_bytes(),
+        )
+        .await?
+        .into_success()?;
+    let function_error = response.header("x-amz-function-error").map(str::to_owned);
+    let log = response
+        .header("x-amz-log-result")
+        .and_then(|l| base64::engine::general_purpose::STANDARD.decode(l).ok())
+        .map(|l| String::from_utf8_lossy(&l).into_owned());
+    match args.endpoint.output {
+        Output::Json => {
+            let payload = serde_json::from_slice::<Value>(&response.body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&response.body).into()));
+            let doc = json!({
+                "StatusCode": response.status,
+                "ExecutedVersion": response.header("x-amz-executed-version"),
+                "FunctionError": function_error,
+                "Payload": payload,
+                "Log": log,
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        Output::Text => {
+            if let Some(log) = &log {
+                eprint!("{log}");
+            }
+            println!("{}", String::from_utf8_lossy(&response.body));
+            if let Some(kind) = &function_error {
+                eprintln!("the function failed ({kind})");
+            }
+        }
+    }
+    Ok(if function_error.is_some() { 1 } else { 0 })
+}
+
+/// The idle timeout as a duration.
+pub fn idle_timeout(args: &ServeArgs) -> Duration {
+    Duration::from_secs(args.idle_timeout.max(1))
+}

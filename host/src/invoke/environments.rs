@@ -1,0 +1,193 @@
+//! Execution environments as the data plane holds them: each with its
+//! scratch directory and its share of the capacity, warm ones in a per-slot
+//! idle list.
+//!
+//! Lifecycle: created (cold start) -> busy (owned by one invocation) ->
+//! idle (in [`IdleEnvironments`]) -> busy -> ... -> dropped (failed, idle too
+//! long, evicted for capacity, or its function changed). Dropping releases
+//! the sandbox's resources, the capacity permit and the directory.
+
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::sandbox::{ExecutionEnvironment, InvocationReport, InvocationRequest};
+
+/// Where environments keep their scratch space: `<root>/<env-id>/tmp`.
+#[derive(Debug, Clone)]
+pub struct EnvironmentsDir {
+    root: PathBuf,
+}
+
+impl EnvironmentsDir {
+    /// Opens `root`, removing what environments of an earlier process left
+    /// behind (a killed server never ran their teardown).
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root)?;
+        for entry in fs::read_dir(&root)? {
+            let path = entry?.path();
+            tracing::info!(path = %path.display(), "removing a leftover environment directory");
+            crate::store::artifacts::remove_tree(&path)?;
+        }
+        Ok(Self { root })
+    }
+
+    /// Creates the directory of a new environment.
+    pub fn create(&self) -> io::Result<EnvironmentDir> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let path = self.root.join(&id);
+        fs::create_dir_all(path.join("tmp"))?;
+        Ok(EnvironmentDir { id, path })
+    }
+}
+
+/// One environment's directory, removed when dropped.
+#[derive(Debug)]
+pub struct EnvironmentDir {
+    id: String,
+    path: PathBuf,
+}
+
+impl EnvironmentDir {
+    /// The environment's id (32 hex digits).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its `/tmp`.
+    pub fn tmp(&self) -> PathBuf {
+        self.path.join("tmp")
+    }
+}
+
+impl Drop for EnvironmentDir {
+    fn drop(&mut self) {
+        let path = std::mem::take(&mut self.path);
+        let remove = move || {
+            if let Err(e) = crate::store::artifacts::remove_tree(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "removing an environment directory");
+            }
+        };
+        // /tmp may be large: keep the removal off the async workers.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(remove);
+            }
+            Err(_) => remove(),
+        }
+    }
+}
+
+/// A live environment with what it holds.
+pub struct Environment {
+    // Field order is drop order: the sandbox environment goes first, then its
+    // directory, then its capacity permit.
+    env: Box<dyn ExecutionEnvironment>,
+    _dir: EnvironmentDir,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Environment {
+    pub(super) fn new(
+        env: Box<dyn ExecutionEnvironment>,
+        dir: EnvironmentDir,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        Self {
+            env,
+            _dir: dir,
+            _permit: permit,
+        }
+    }
+
+    pub(super) async fn invoke(&mut self, request: &InvocationRequest) -> InvocationReport {
+        self.env.invoke(request).await
+    }
+
+    pub(super) fn is_reusable(&self) -> bool {
+        self.env.is_reusable()
+    }
+}
+
+/// Warm environments of one function version, most recently used last.
+#[derive(Default)]
+pub(super) struct IdleEnvironments {
+    envs: Mutex<Vec<(Environment, Instant)>>,
+}
+
+impl IdleEnvironments {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Environment, Instant)>> {
+        self.envs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used environment (its caches are the warmest).
+    pub(super) fn pop(&self) -> Option<Environment> {
+        self.lock().pop().map(|(e, _)| e)
+    }
+
+    pub(super) fn push(&self, env: Environment) {
+        self.lock().push((env, Instant::now()));
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// When the longest-idle environment became idle.
+    pub(super) fn oldest_idle_since(&self) -> Option<Instant> {
+        self.lock().first().map(|(_, t)| *t)
+    }
+
+    /// Takes the longest-idle environment (to drop it).
+    pub(super) fn pop_oldest(&self) -> Option<Environment> {
+        let mut envs = self.lock();
+        (!envs.is_empty()).then(|| envs.remove(0).0)
+    }
+
+    /// Drops environments idle for longer than `limit`; returns how many.
+    pub(super) fn remove_idle_longer_than(&self, limit: Duration) -> usize {
+        let expired: Vec<Environment> = {
+            let mut envs = self.lock();
+            let keep_from = envs
+                .iter()
+                .position(|(_, t)| t.elapsed() < limit)
+                .unwrap_or(envs.len());
+            envs.drain(..keep_from).map(|(e, _)| e).collect()
+        };
+        // Dropped outside the lock.
+        expired.len()
+    }
+
+    pub(super) fn clear(&self) {
+        let all: Vec<_> = std::mem::take(&mut *self.lock());
+        drop(all);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn leftover_directories_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("envs");
+        fs::create_dir_all(root.join("stale/tmp")).unwrap();
+        fs::write(root.join("stale/tmp/file"), b"x").unwrap();
+        let envs = EnvironmentsDir::open(&root).unwrap();
+        assert!(!root.join("stale").exists());
+        let d = envs.create().unwrap();
+        let tmp = d.tmp();
+        assert!(tmp.is_dir());
+        assert_eq!(d.id().len(), 32);
+        drop(d);
+        assert!(!tmp.exists());
+        assert!(Path::new(&root).is_dir());
+    }
+}

@@ -1,0 +1,17 @@
+//! kiln: a self-hosted, Lambda-compatible function platform.
+//!
+//! Module map (see DESIGN.md):
+//! - [`api`]: the HTTP API (Lambda's REST API, health);
+//! - [`control`]: functions and their configuration;
+//! - [`invoke`]: the data plane (environments, invocations);
+//! - [`sandbox`]: the trait every kind of isolation implements, and its
+//!   implementations;
+//! - [`store`]: the metadata store and the artifact store;
+//! - [`server`]: `kiln serve`, wiring the above together.
+
+pub mod api;
+pub mod control;
+pub mod invoke;
+pub mod sandbox;
+pub mod server;
+pub mod store;

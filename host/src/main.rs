@@ -1,0 +1,96 @@
+//! The `kiln` binary.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use kiln::server::{Server, ServerConfig};
+
+use cli::{Cli, Command, ServeArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await.map(|()| 0),
+            other => cli::run_client(other).await,
+        }
+    });
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let root_key = std::env::var("KILN_ROOT_ACCESS_KEY_ID").ok();
+    if root_key.is_some() && std::env::var("KILN_ROOT_SECRET_ACCESS_KEY").is_err() {
+        anyhow::bail!("KILN_ROOT_ACCESS_KEY_ID is set but KILN_ROOT_SECRET_ACCESS_KEY is not");
+    }
+    let config = ServerConfig {
+        listen: args.listen,
+        data_dir: args.data_dir.clone(),
+        region: args.region.clone(),
+        account_id: args.account_id.clone(),
+        max_environments: args.max_environments,
+        idle_timeout: cli::idle_timeout(&args),
+        root_access_key_id: root_key,
+        ..ServerConfig::new()
+    };
+    let server = Server::start(config)
+        .await
+        .with_context(|| format!("starting kiln with data dir {}", args.data_dir.display()))?;
+    // Scripts and tests wait for this line (and read the port from it).
+    println!(
+        "kiln listening on http://{} ({} functions loaded)",
+        server.local_addr(),
+        server.functions_loaded()
+    );
+    server
+        .run(shutdown_signal())
+        .await
+        .context("serving the API")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

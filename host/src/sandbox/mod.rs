@@ -1,0 +1,207 @@
+//! The sandbox trait: the only way the data plane reaches code it runs.
+//!
+//! A [`Sandbox`] turns a function version's code into [`PreparedCode`] once
+//! (at deploy time: this is where code is validated for its runtime), then
+//! creates [`ExecutionEnvironment`]s from it. An environment serves one
+//! invocation at a time and is reused while [`ExecutionEnvironment::is_reusable`]
+//! holds; the data plane drops it otherwise, and dropping it releases
+//! everything it held.
+//!
+//! Implementations: [`wasm::WasmSandbox`] (wasmtime in this process).
+
+pub mod wasm;
+
+use std::any::Any;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// Which kind of isolation runs a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SandboxKind {
+    /// wasmtime inside the kiln process.
+    Wasm,
+}
+
+impl SandboxKind {
+    /// The name used in logs, metrics and `kiln doctor`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxKind::Wasm => "wasm",
+        }
+    }
+}
+
+/// What a sandbox needs to prepare a version's code.
+#[derive(Debug, Clone)]
+pub struct CodeSpec {
+    /// A stable name for this code (archive hash + handler), for caches.
+    pub key: String,
+    /// The runtime identifier.
+    pub runtime: String,
+    /// The unpacked archive.
+    pub task_dir: PathBuf,
+    /// The handler setting (for `wasip2`: the component's path).
+    pub handler: String,
+}
+
+/// Code ready to be instantiated, opaque outside its sandbox.
+#[derive(Clone)]
+pub struct PreparedCode {
+    kind: SandboxKind,
+    inner: Arc<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for PreparedCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedCode")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedCode {
+    /// Wraps a sandbox's own prepared form.
+    pub fn new<T: Any + Send + Sync>(kind: SandboxKind, inner: T) -> Self {
+        Self {
+            kind,
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The sandbox's own form, if this code belongs to that kind.
+    pub fn downcast<T: Any + Send + Sync>(&self, kind: SandboxKind) -> Option<&T> {
+        (self.kind == kind)
+            .then(|| self.inner.downcast_ref::<T>())
+            .flatten()
+    }
+}
+
+/// How one environment is set up.
+#[derive(Debug, Clone)]
+pub struct EnvironmentSpec {
+    /// MemorySize in MiB.
+    pub memory_mb: u32,
+    /// Environment variables, Lambda's reserved ones included.
+    pub env: Vec<(String, String)>,
+    /// The unpacked code, shown read-only at `/var/task`.
+    pub task_dir: PathBuf,
+    /// Merged layers, shown read-only at `/opt`.
+    pub opt_dir: Option<PathBuf>,
+    /// This environment's own `/tmp`.
+    pub tmp_dir: PathBuf,
+    /// Most log bytes one invocation may produce.
+    pub log_capacity: usize,
+}
+
+/// One invocation as the sandbox sees it.
+#[derive(Debug, Clone)]
+pub struct InvocationRequest {
+    /// The event payload.
+    pub payload: bytes::Bytes,
+    /// Request id.
+    pub request_id: String,
+    /// Function name.
+    pub function_name: String,
+    /// `$LATEST` or a version number.
+    pub function_version: String,
+    /// The ARN the caller used.
+    pub invoked_function_arn: String,
+    /// Trace id.
+    pub trace_id: String,
+    /// The function's Timeout.
+    pub timeout: Duration,
+}
+
+/// How an invocation or init ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response payload.
+    Response(Vec<u8>),
+    /// The function reported an error; its environment stays usable.
+    FunctionError {
+        /// `errorType`.
+        error_type: String,
+        /// `errorMessage`.
+        message: String,
+    },
+    /// The environment failed (crash, timeout, out of memory) and is not
+    /// reusable.
+    Failed {
+        /// `errorType`.
+        error_type: String,
+        /// `errorMessage`.
+        message: String,
+    },
+}
+
+/// An invocation's outcome and measurements.
+#[derive(Debug)]
+pub struct InvocationReport {
+    /// What happened.
+    pub outcome: Outcome,
+    /// The invocation's log output.
+    pub logs: Vec<u8>,
+    /// Time in the function.
+    pub duration: Duration,
+    /// Peak memory of the environment, in bytes.
+    pub max_memory_bytes: u64,
+}
+
+/// The init phase's outcome and measurements.
+#[derive(Debug)]
+pub struct InitReport {
+    /// `None` when init succeeded, else how it failed.
+    pub error: Option<Outcome>,
+    /// Init output.
+    pub logs: Vec<u8>,
+    /// Time spent in init.
+    pub duration: Duration,
+}
+
+/// Sandbox failures that are not the function's own doing.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The code cannot run on this runtime; the message says why.
+    #[error("{0}")]
+    InvalidCode(String),
+    /// No capacity for another environment right now.
+    #[error("no capacity for another execution environment: {0}")]
+    Capacity(String),
+    /// Anything else: a server-side failure.
+    #[error("sandbox failure: {0}")]
+    Internal(String),
+}
+
+/// A kind of isolation that runs function code.
+#[async_trait]
+pub trait Sandbox: Send + Sync + 'static {
+    /// Which kind this is.
+    fn kind(&self) -> SandboxKind;
+
+    /// Validates and prepares code (compiles a component, ...). Errors of
+    /// the code itself are [`SandboxError::InvalidCode`].
+    async fn prepare(&self, code: &CodeSpec) -> Result<PreparedCode, SandboxError>;
+
+    /// Creates a fresh environment for prepared code.
+    async fn create(
+        &self,
+        code: &PreparedCode,
+        spec: EnvironmentSpec,
+    ) -> Result<Box<dyn ExecutionEnvironment>, SandboxError>;
+}
+
+/// One execution environment of one function version.
+#[async_trait]
+pub trait ExecutionEnvironment: Send {
+    /// Runs the function's init phase, once, within `timeout`.
+    async fn init(&mut self, timeout: Duration) -> InitReport;
+
+    /// Runs one invocation.
+    async fn invoke(&mut self, request: &InvocationRequest) -> InvocationReport;
+
+    /// Whether another invocation may run here.
+    fn is_reusable(&self) -> bool;
+}

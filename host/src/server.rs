@@ -1,0 +1,248 @@
+//! `kiln serve`: assembles the stores, the sandbox, the planes and the API
+//! over one data dir, and serves until told to stop.
+//!
+//! Data dir layout (created mode 0700):
+//! - `kiln.lock`   held (flock) while a server uses the dir: one server per dir;
+//! - `kiln.db`     the metadata store (SQLite, WAL);
+//! - `code/`       code archives and their unpacked files;
+//! - `compiled/`   compiled components;
+//! - `envs/`       per-environment scratch space (`/tmp`), emptied at start.
+
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_wasm::{Runtime, RuntimeConfig};
+
+use crate::api::{self, AppState};
+use crate::control::ControlPlane;
+use crate::control::model::ArnContext;
+use crate::invoke::{DataPlane, DataPlaneConfig, EnvironmentsDir};
+use crate::sandbox::wasm::WasmSandbox;
+use crate::store::artifacts::{ArchiveLimits, ArtifactStore};
+use crate::store::meta::MetaStore;
+
+/// Everything `kiln serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address of the API.
+    pub listen: SocketAddr,
+    /// Where state lives.
+    pub data_dir: PathBuf,
+    /// Region in ARNs.
+    pub region: String,
+    /// Account in ARNs.
+    pub account_id: String,
+    /// Most execution environments at once.
+    pub max_environments: u32,
+    /// Idle environments are torn down after this long.
+    pub idle_timeout: Duration,
+    /// Most log bytes per invocation.
+    pub log_capacity: usize,
+    /// The root access key id, when configured (`KILN_ROOT_ACCESS_KEY_ID`).
+    pub root_access_key_id: Option<String>,
+}
+
+impl ServerConfig {
+    /// Defaults: `127.0.0.1:9000`, `./.kiln`, `us-east-1`, account
+    /// `000000000000`.
+    pub fn new() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            data_dir: PathBuf::from(".kiln"),
+            region: "us-east-1".to_owned(),
+            account_id: "000000000000".to_owned(),
+            max_environments: 1000,
+            idle_timeout: Duration::from_secs(600),
+            log_capacity: 1 << 20,
+            root_access_key_id: None,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data dir could not be prepared.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Another server holds the data dir.
+    #[error("data dir {0} is in use by another kiln server (it holds kiln.lock)")]
+    Locked(PathBuf),
+    /// A setting is out of range.
+    #[error("{0}")]
+    Config(String),
+    /// The metadata store could not be opened.
+    #[error(transparent)]
+    Meta(#[from] crate::store::meta::MetaError),
+    /// The Wasm engine could not be set up.
+    #[error("Wasm engine: {0}")]
+    Wasm(#[from] kiln_wasm::CompileError),
+    /// Stored functions could not be loaded.
+    #[error("loading functions: {0}")]
+    Load(#[from] crate::control::ControlError),
+    /// The listen address could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// A started server.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    addr: SocketAddr,
+    _lock: fs::File,
+    functions: usize,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn data_dir_error(path: &Path) -> impl FnOnce(io::Error) -> StartError + '_ {
+    move |source| StartError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Server {
+    /// Opens the data dir, loads the stored functions and binds the API.
+    pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
+        if config.account_id.len() != 12 || !config.account_id.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(StartError::Config(format!(
+                "the account id must be 12 digits, not {:?}",
+                config.account_id
+            )));
+        }
+        let dir = &config.data_dir;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(data_dir_error(dir))?;
+        let lock = lock_data_dir(dir)?;
+
+        let meta = Arc::new(MetaStore::open(&dir.join("kiln.db"))?);
+        let artifacts = ArtifactStore::open(dir.join("code"), ArchiveLimits::default())
+            .map_err(data_dir_error(dir))?;
+        let mut wasm_config = RuntimeConfig::new(dir.join("compiled"));
+        wasm_config.max_environments = config.max_environments;
+        let runtime = Arc::new(Runtime::new(wasm_config)?);
+        let envs = EnvironmentsDir::open(dir.join("envs")).map_err(data_dir_error(dir))?;
+
+        let arn = ArnContext {
+            region: config.region.clone(),
+            account_id: config.account_id.clone(),
+        };
+        let data = DataPlane::new(
+            Arc::new(WasmSandbox::new(runtime)),
+            envs,
+            arn.clone(),
+            DataPlaneConfig {
+                max_environments: config.max_environments as usize,
+                idle_timeout: config.idle_timeout,
+                log_capacity: config.log_capacity,
+            },
+        );
+        data.start_reaper();
+        let control = Arc::new(ControlPlane::new(meta, artifacts, data.clone(), arn));
+        let functions = control.load_all().await?;
+
+        match &config.root_access_key_id {
+            Some(id) => tracing::info!(access_key_id = %id, "root credentials configured"),
+            None => tracing::info!("no root credentials configured (KILN_ROOT_ACCESS_KEY_ID)"),
+        }
+        tracing::warn!("requests are not authenticated yet: any signature is accepted");
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let router = api::router(AppState { control, data });
+        Ok(Self {
+            listener,
+            router,
+            addr,
+            _lock: lock,
+            functions,
+        })
+    }
+
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// How many functions were loaded from the data dir.
+    pub fn functions_loaded(&self) -> usize {
+        self.functions
+    }
+
+    /// Serves until `shutdown` completes, then finishes in-flight requests.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+/// Takes an exclusive lock on the data dir for the life of the server.
+fn lock_data_dir(dir: &Path) -> Result<fs::File, StartError> {
+    let path = dir.join("kiln.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(data_dir_error(dir))?;
+    // SAFETY: flock on a file descriptor we own and keep open; it has no
+    // memory-safety preconditions.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Err(StartError::Locked(dir.to_path_buf()))
+        } else {
+            Err(StartError::DataDir {
+                path: path.clone(),
+                source: err,
+            })
+        };
+    }
+    Ok(file)
+}

@@ -1,0 +1,141 @@
+"""Fixtures for kiln's end-to-end tests: the real `kiln` binary, started on a
+free loopback port with its own data dir, driven with boto3 as a Lambda user
+would drive AWS.
+
+Environment:
+  KILN_BIN   path of the kiln binary (the test command sets it)
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import boto3
+import pytest
+from botocore.config import Config
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+READY = re.compile(r"kiln listening on (http://\S+)")
+
+
+def kiln_bin() -> str:
+    path = os.environ.get("KILN_BIN")
+    if not path:
+        pytest.exit("KILN_BIN is not set: run the suite with ./scripts/test.sh", returncode=2)
+    return path
+
+
+class KilnServer:
+    """One `kiln serve` process on 127.0.0.1 with a private data dir."""
+
+    def __init__(self, data_dir: pathlib.Path, extra_args=(), env=None):
+        self.data_dir = data_dir
+        self.extra_args = list(extra_args)
+        self.env = dict(os.environ, **(env or {}))
+        self.proc = None
+        self.endpoint = None
+        self.stderr_lines = []
+
+    def start(self, timeout=30.0):
+        self.proc = subprocess.Popen(
+            [kiln_bin(), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(self.data_dir), *self.extra_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+        )
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        # The server prints its address once it listens: wait for that line.
+        found = {}
+
+        def read_ready():
+            for line in self.proc.stdout:
+                m = READY.search(line)
+                if m:
+                    found["endpoint"] = m.group(1)
+                    return
+
+        reader = threading.Thread(target=read_ready, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if "endpoint" not in found:
+            self.stop()
+            raise RuntimeError("kiln did not start:\n" + "".join(self.stderr_lines[-50:]))
+        self.endpoint = found["endpoint"]
+        return self
+
+    def _drain_stderr(self):
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def kill(self):
+        """SIGKILL: no teardown runs."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def client(self, service="lambda", **config):
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="AKIDKILNTEST",
+            aws_secret_access_key="kiln-test-secret-kiln-test-secret-000000",
+            config=Config(retries={"max_attempts": 1, "mode": "standard"}, read_timeout=120, **config),
+        )
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """Deployable zips of the example and fixture functions, built with `kiln build`."""
+    out = tmp_path_factory.mktemp("artifacts")
+    zips = {}
+    for name, path in {
+        "hello": ROOT / "examples" / "hello",
+        "counter": ROOT / "examples" / "counter",
+        "misbehave": ROOT / "tests" / "functions" / "misbehave",
+    }.items():
+        target = out / f"{name}.zip"
+        subprocess.run([kiln_bin(), "build", str(path), "--output", str(target)], check=True)
+        zips[name] = target.read_bytes()
+    return zips
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = KilnServer(tmp_path_factory.mktemp("kiln-data")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def lam(server):
+    return server.client()
+
+
+ROLE = "arn:aws:iam::000000000000:role/kiln-function"
+
+
+def create(lam, name, zip_bytes, **kwargs):
+    params = dict(
+        FunctionName=name,
+        Runtime="wasip2",
+        Role=ROLE,
+        Handler="function.wasm",
+        Code={"ZipFile": zip_bytes},
+    )
+    params.update(kwargs)
+    return lam.create_function(**params)
