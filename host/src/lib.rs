@@ -7,11 +7,13 @@
 //! - [`sandbox`]: the trait every kind of isolation implements, and its
 //!   implementations;
 //! - [`store`]: the metadata store and the artifact store;
+//! - [`package`]: deployment packages (zips);
 //! - [`server`]: `kiln serve`, wiring the above together.
 
 pub mod api;
 pub mod control;
 pub mod invoke;
+pub mod package;
 pub mod sandbox;
 pub mod server;
 pub mod store;

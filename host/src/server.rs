@@ -111,6 +111,7 @@ pub enum StartError {
 pub struct Server {
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    state: AppState,
     addr: SocketAddr,
     _lock: fs::File,
     functions: usize,
@@ -190,10 +191,12 @@ impl Server {
             addr: config.listen,
             source,
         })?;
-        let router = api::router(AppState { control, data });
+        let state = AppState { control, data };
+        let router = api::router(state.clone());
         Ok(Self {
             listener,
             router,
+            state,
             addr,
             _lock: lock,
             functions,
@@ -203,6 +206,12 @@ impl Server {
     /// The address the API listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The planes behind the API, for embedders and benchmarks that call
+    /// them without HTTP.
+    pub fn state(&self) -> AppState {
+        self.state.clone()
     }
 
     /// How many functions were loaded from the data dir.

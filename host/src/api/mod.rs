@@ -69,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(|| async { "ready" }))
         .fallback(unknown_operation)
+        .method_not_allowed_fallback(unknown_operation)
         // Limits are enforced per operation in `read_body`.
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn(request_id))

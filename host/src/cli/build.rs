@@ -1,15 +1,14 @@
 //! `kiln build`: compiles a function crate into a Wasm component with plain
 //! cargo and packs it as a deployable zip (`function.wasm` inside).
 
-use std::io::{BufRead, BufReader, Cursor, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-/// The component's path inside the zip, and the default Handler of wasip2.
-pub const COMPONENT_IN_ZIP: &str = "function.wasm";
+pub use kiln::package::COMPONENT_IN_ZIP;
 
 /// What a build produced.
 #[derive(Debug)]
@@ -130,7 +129,7 @@ pub fn build(path: &Path, output: Option<&Path>) -> Result<Built> {
     let zip = output
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(format!("{name}.zip")));
-    let packed = pack(&bytes)?;
+    let packed = kiln::package::pack_component(&bytes).context("writing the zip")?;
     if let Some(parent) = zip.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
@@ -141,20 +140,6 @@ pub fn build(path: &Path, output: Option<&Path>) -> Result<Built> {
         zip,
         zip_size: packed.len() as u64,
     })
-}
-
-/// A deterministic zip holding `component` as `function.wasm`: the same
-/// component always gives the same bytes, hence the same CodeSha256.
-pub fn pack(component: &[u8]) -> Result<Vec<u8>> {
-    let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
-    let options = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated)
-        .last_modified_time(zip::DateTime::default())
-        .unix_permissions(0o644);
-    w.start_file(COMPONENT_IN_ZIP, options)
-        .context("writing the zip")?;
-    w.write_all(component).context("writing the zip")?;
-    Ok(w.finish().context("writing the zip")?.into_inner())
 }
 
 fn target_installed() -> bool {
@@ -168,18 +153,4 @@ fn target_installed() -> bool {
                 .join("lib/rustlib/wasm32-wasip2")
                 .is_dir()
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packing_is_deterministic() {
-        let a = pack(b"\0asm\x0d\0\x01\0").unwrap();
-        let b = pack(b"\0asm\x0d\0\x01\0").unwrap();
-        assert_eq!(a, b);
-        let mut archive = zip::ZipArchive::new(Cursor::new(a)).unwrap();
-        assert_eq!(archive.by_index(0).unwrap().name(), COMPONENT_IN_ZIP);
-    }
 }

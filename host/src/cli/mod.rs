@@ -144,6 +144,17 @@ async fn deploy(args: DeployArgs) -> Result<i32> {
         };
         variables.insert(k.to_owned(), Value::String(v.to_owned()));
     }
+    // The settings given on the command line, as configuration members.
+    let mut settings = json!({});
+    if let Some(m) = args.memory {
+        settings["MemorySize"] = m.into();
+    }
+    if let Some(t) = args.timeout {
+        settings["Timeout"] = t.into();
+    }
+    if !variables.is_empty() {
+        settings["Environment"] = json!({ "Variables": variables });
+    }
     let client = Client::new(&args.endpoint)?;
     let name = path_segment(&args.name);
     let zip_b64 = base64::engine::general_purpose::STANDARD.encode(&zip);
@@ -156,22 +167,12 @@ async fn deploy(args: DeployArgs) -> Result<i32> {
         )
         .await?;
     let config = if existing.status == 404 {
-        let mut body = json!({
-            "FunctionName": args.name,
-            "Runtime": "wasip2",
-            "Role": args.role,
-            "Handler": build::COMPONENT_IN_ZIP,
-            "Code": { "ZipFile": zip_b64 },
-        });
-        if let Some(m) = args.memory {
-            body["MemorySize"] = m.into();
-        }
-        if let Some(t) = args.timeout {
-            body["Timeout"] = t.into();
-        }
-        if !variables.is_empty() {
-            body["Environment"] = json!({ "Variables": variables });
-        }
+        let mut body = settings.clone();
+        body["FunctionName"] = args.name.clone().into();
+        body["Runtime"] = "wasip2".into();
+        body["Role"] = args.role.clone().into();
+        body["Handler"] = build::COMPONENT_IN_ZIP.into();
+        body["Code"] = json!({ "ZipFile": zip_b64 });
         client
             .send(
                 reqwest::Method::POST,
@@ -194,23 +195,13 @@ async fn deploy(args: DeployArgs) -> Result<i32> {
             .await?
             .into_success()?
             .json()?;
-        if args.memory.is_some() || args.timeout.is_some() || !variables.is_empty() {
-            let mut body = json!({});
-            if let Some(m) = args.memory {
-                body["MemorySize"] = m.into();
-            }
-            if let Some(t) = args.timeout {
-                body["Timeout"] = t.into();
-            }
-            if !variables.is_empty() {
-                body["Environment"] = json!({ "Variables": variables });
-            }
+        if settings.as_object().is_some_and(|o| !o.is_empty()) {
             config = client
                 .send(
                     reqwest::Method::PUT,
                     &format!("/2015-03-31/functions/{name}/configuration"),
                     &[],
-                    serde_json::to_vec(&body)?,
+                    serde_json::to_vec(&settings)?,
                 )
                 .await?
                 .into_success()?

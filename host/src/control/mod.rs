@@ -346,13 +346,7 @@ impl ControlPlane {
         if let Some(a) = &req.architectures {
             validate::architectures(a)?;
         }
-        let zip = zip_bytes(CodeInput {
-            zip_file: req.zip_file,
-            s3_bucket: req.s3_bucket,
-            s3_key: req.s3_key,
-            s3_object_version: req.s3_object_version,
-            image_uri: req.image_uri,
-        })?;
+        let zip = zip_bytes(req.code)?;
         let _guard = self.writes.lock().await;
         let current = self.record(r).await?;
         check_revision(&current, req.revision_id.as_deref())?;

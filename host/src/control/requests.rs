@@ -59,14 +59,9 @@ pub struct CreateFunctionRequest {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct UpdateFunctionCodeRequest {
-    pub zip_file: Option<String>,
-    #[serde(rename = "S3Bucket")]
-    pub s3_bucket: Option<String>,
-    #[serde(rename = "S3Key")]
-    pub s3_key: Option<String>,
-    #[serde(rename = "S3ObjectVersion")]
-    pub s3_object_version: Option<String>,
-    pub image_uri: Option<String>,
+    /// The code members, as in `FunctionCode`.
+    #[serde(flatten)]
+    pub code: CodeInput,
     pub publish: Option<bool>,
     pub dry_run: Option<bool>,
     pub revision_id: Option<String>,

@@ -1,0 +1,284 @@
+//! kiln's benchmark harness.
+//!
+//! Starts kiln in this process on loopback (its own runtime and threads),
+//! deploys the workloads through the API, drives them, and writes a JSON
+//! report and a markdown table into `benches/results/`.
+//!
+//! ```text
+//! cargo run -p kiln-bench --release -- [--quick] [--out DIR]
+//! ```
+
+mod load;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use base64::Engine as _;
+use clap::Parser;
+use kiln::invoke::InvokeInput;
+use kiln::server::{Server, ServerConfig};
+use serde::Serialize;
+use serde_json::json;
+
+use load::Http;
+use stats::Summary;
+
+#[derive(Debug, Parser)]
+#[command(about = "kiln's benchmarks")]
+struct Args {
+    /// Run every scenario briefly (the test suite's smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the report.
+    #[arg(long, default_value = "benches/results")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Conditions {
+    date: String,
+    kiln_version: &'static str,
+    cores: usize,
+    memory_gib: f64,
+    cpu: String,
+    mode: &'static str,
+    server: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct Scenario {
+    name: &'static str,
+    description: &'static str,
+    workload: &'static str,
+    payload_bytes: usize,
+    concurrency: usize,
+    samples: usize,
+    latency_us: Summary,
+    throughput_rps: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    conditions: Conditions,
+    scenarios: Vec<Scenario>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let hello = std::fs::read(kiln_test_support::wasm_function("hello"))
+        .context("building examples/hello")?;
+    let hello_zip = kiln::package::pack_component(&hello)?;
+
+    // The server gets its own runtime and threads, as it would in its own
+    // process; the load generator runs on the main thread's runtime.
+    let data = tempfile::tempdir()?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kiln-server")
+        .build()?;
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: data.path().join("data"),
+        ..ServerConfig::new()
+    };
+    let server = server_rt.block_on(Server::start(config))?;
+    let addr = server.local_addr();
+    let state = server.state();
+    server_rt.spawn(server.run(std::future::pending()));
+
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let scale = if args.quick { 20 } else { 1 };
+    let mut scenarios = Vec::new();
+
+    client_rt.block_on(async {
+        let http = Http::new(addr);
+        deploy(&http, "hello", &hello_zip).await?;
+        let event = br#"{"name":"bench"}"#;
+
+        // Warm invoke, server side: the data plane without HTTP.
+        let n = 20_000 / scale;
+        let data_plane = state.data.clone();
+        let samples = server_rt
+            .spawn(async move {
+                let input = InvokeInput {
+                    name: "hello".into(),
+                    qualifier: None,
+                    payload: bytes::Bytes::from_static(event),
+                    log_tail: false,
+                    trace_id: None,
+                };
+                for _ in 0..200 {
+                    data_plane.invoke(input.clone()).await?;
+                }
+                let mut samples = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let t = Instant::now();
+                    let out = data_plane.invoke(input.clone()).await?;
+                    samples.push(t.elapsed());
+                    if out.function_error.is_some() {
+                        bail!("hello failed: {}", String::from_utf8_lossy(&out.payload));
+                    }
+                }
+                anyhow::Ok(samples)
+            })
+            .await??;
+        scenarios.push(Scenario {
+            name: "warm-invoke-server-side",
+            description: "DataPlane::invoke of a warm Wasm environment, no HTTP",
+            workload: "examples/hello",
+            payload_bytes: event.len(),
+            concurrency: 1,
+            samples: samples.len(),
+            latency_us: Summary::of(&samples),
+            throughput_rps: None,
+        });
+
+        // Warm invoke over HTTP on loopback, one connection, closed loop.
+        let n = 20_000 / scale;
+        let (samples, elapsed) = http.invoke_loop("hello", event, 200, n).await?;
+        scenarios.push(Scenario {
+            name: "warm-invoke-http",
+            description: "POST .../invocations over HTTP/1.1 keep-alive on loopback, closed loop",
+            workload: "examples/hello",
+            payload_bytes: event.len(),
+            concurrency: 1,
+            samples: samples.len(),
+            latency_us: Summary::of(&samples),
+            throughput_rps: Some(samples.len() as f64 / elapsed.as_secs_f64()),
+        });
+
+        // First invoke of a newly created function: the environment is
+        // created and initialized on this call (the component was compiled
+        // at CreateFunction; this measures the cold start of the data plane).
+        let n = (50 / scale).max(3);
+        let mut first = Vec::with_capacity(n);
+        let mut create = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = format!("cold-{i}");
+            let t = Instant::now();
+            deploy(&http, &name, &hello_zip).await?;
+            create.push(t.elapsed());
+            let t = Instant::now();
+            http.invoke_once(&name, event).await?;
+            first.push(t.elapsed());
+        }
+        scenarios.push(Scenario {
+            name: "first-invoke-after-create",
+            description: "first Invoke of a function right after CreateFunction returned (cold start: instantiate + init + call), over HTTP",
+            workload: "examples/hello",
+            payload_bytes: event.len(),
+            concurrency: 1,
+            samples: first.len(),
+            latency_us: Summary::of(&first),
+            throughput_rps: None,
+        });
+        scenarios.push(Scenario {
+            name: "create-function",
+            description: "CreateFunction of an already-compiled component (zip upload, validation, store commit)",
+            workload: "examples/hello",
+            payload_bytes: hello_zip.len(),
+            concurrency: 1,
+            samples: create.len(),
+            latency_us: Summary::of(&create),
+            throughput_rps: None,
+        });
+        anyhow::Ok(())
+    })?;
+
+    let report = Report {
+        conditions: conditions(args.quick),
+        scenarios,
+    };
+    write_report(&args.out, &report, args.quick)?;
+    drop(server_rt);
+    Ok(())
+}
+
+async fn deploy(http: &Http, name: &str, zip: &[u8]) -> Result<()> {
+    let body = json!({
+        "FunctionName": name,
+        "Runtime": "wasip2",
+        "Role": "arn:aws:iam::000000000000:role/bench",
+        "Handler": "function.wasm",
+        "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) },
+    });
+    let (status, body) = http
+        .request("POST", "/2015-03-31/functions", serde_json::to_vec(&body)?)
+        .await?;
+    if status != 201 {
+        bail!(
+            "CreateFunction {name}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    Ok(())
+}
+
+fn conditions(quick: bool) -> Conditions {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    Conditions {
+        date: time::OffsetDateTime::now_utc().date().to_string(),
+        kiln_version: env!("CARGO_PKG_VERSION"),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        cpu,
+        mode: if quick {
+            "quick (smoke run, few samples)"
+        } else {
+            "full"
+        },
+        server: "kiln in-process on its own tokio runtime, load generator on another thread, loopback HTTP/1.1",
+    }
+}
+
+fn write_report(dir: &std::path::Path, report: &Report, quick: bool) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let stem = if quick { "quick" } else { "latest" };
+    let json_path = dir.join(format!("{stem}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
+    let mut md = String::new();
+    let c = &report.conditions;
+    md.push_str(&format!(
+        "Measured {} on {} cores ({}), {} GiB, kiln {} — {}.\n\n",
+        c.date, c.cores, c.cpu, c.memory_gib, c.kiln_version, c.mode
+    ));
+    md.push_str("| scenario | workload | payload | concurrency | samples | p50 | p99 | p99.9 | throughput |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for s in &report.scenarios {
+        md.push_str(&format!(
+            "| {} | {} | {} B | {} | {} | {} | {} | {} | {} |\n",
+            s.name,
+            s.workload,
+            s.payload_bytes,
+            s.concurrency,
+            s.samples,
+            stats::fmt_us(s.latency_us.p50),
+            stats::fmt_us(s.latency_us.p99),
+            stats::fmt_us(s.latency_us.p999),
+            s.throughput_rps
+                .map_or("-".to_owned(), |r| format!("{r:.0} req/s")),
+        ));
+    }
+    let md_path = dir.join(format!("{stem}.md"));
+    std::fs::write(&md_path, &md)?;
+    print!("{md}");
+    eprintln!("wrote {} and {}", json_path.display(), md_path.display());
+    Ok(())
+}
