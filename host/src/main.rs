@@ -56,6 +56,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         region: args.region.clone(),
         account_id: args.account_id.clone(),
         max_environments: args.max_environments,
+        account_concurrency: args.account_concurrency,
         idle_timeout: cli::idle_timeout(&args),
         root_access_key_id: root_key,
         ..ServerConfig::new()

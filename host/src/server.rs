@@ -20,8 +20,8 @@ use std::time::Duration;
 use kiln_wasm::{Runtime, RuntimeConfig};
 
 use crate::api::{self, AppState};
-use crate::control::ControlPlane;
 use crate::control::model::ArnContext;
+use crate::control::{ControlConfig, ControlPlane};
 use crate::invoke::{DataPlane, DataPlaneConfig, EnvironmentsDir};
 use crate::sandbox::wasm::WasmSandbox;
 use crate::store::artifacts::{ArchiveLimits, ArtifactStore};
@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub account_id: String,
     /// Most execution environments at once.
     pub max_environments: u32,
+    /// The account's concurrency limit (Lambda's default: 1000).
+    pub account_concurrency: u32,
     /// Idle environments are torn down after this long.
     pub idle_timeout: Duration,
     /// Most log bytes per invocation.
@@ -58,6 +60,7 @@ impl ServerConfig {
             region: "us-east-1".to_owned(),
             account_id: "000000000000".to_owned(),
             max_environments: 1000,
+            account_concurrency: 1000,
             idle_timeout: Duration::from_secs(600),
             log_capacity: 1 << 20,
             root_access_key_id: None,
@@ -172,7 +175,15 @@ impl Server {
             },
         );
         data.start_reaper();
-        let control = Arc::new(ControlPlane::new(meta, artifacts, data.clone(), arn));
+        let control = Arc::new(ControlPlane::new(
+            meta,
+            artifacts,
+            data.clone(),
+            ControlConfig {
+                arn,
+                account_concurrency: config.account_concurrency,
+            },
+        ));
         let functions = control.load_all().await?;
 
         match &config.root_access_key_id {

@@ -67,6 +67,13 @@ impl From<ControlError> for ApiError {
                 (StatusCode::BAD_REQUEST, "InvalidParameterValueException")
             }
             ControlError::NotFound(_) => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+            ControlError::ProvisionedNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "ProvisionedConcurrencyConfigNotFoundException",
+            ),
+            ControlError::PolicyTooLong(_) => {
+                (StatusCode::BAD_REQUEST, "PolicyLengthExceededException")
+            }
             ControlError::Conflict(_) => (StatusCode::CONFLICT, "ResourceConflictException"),
             ControlError::PreconditionFailed(_) => (
                 StatusCode::PRECONDITION_FAILED,

@@ -1,17 +1,18 @@
 //! Function operations: Create, Get, GetConfiguration, List, UpdateCode,
-//! UpdateConfiguration, Delete.
+//! UpdateConfiguration, Delete; versions and aliases.
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiError, AppState, json_body, respond};
+use super::{ApiError, AppState, Paging, host, json_body, listing};
 use crate::control::requests::{
-    CreateFunctionRequest, UpdateFunctionCodeRequest, UpdateFunctionConfigurationRequest,
+    CreateAliasRequest, CreateFunctionRequest, PublishVersionRequest, UpdateAliasRequest,
+    UpdateFunctionCodeRequest, UpdateFunctionConfigurationRequest,
 };
 
 #[derive(Debug, Deserialize)]
@@ -21,44 +22,48 @@ pub(super) struct QualifierQuery {
 }
 
 #[derive(Debug, Deserialize)]
-pub(super) struct ListQuery {
-    #[serde(rename = "Marker")]
-    marker: Option<String>,
-    #[serde(rename = "MaxItems")]
-    max_items: Option<String>,
+pub(super) struct ListFunctionsQuery {
+    #[serde(flatten)]
+    paging: Paging,
+    #[serde(rename = "FunctionVersion")]
+    function_version: Option<String>,
 }
 
-pub(super) async fn create(State(s): State<AppState>, body: Body) -> Response {
-    respond(
-        async {
-            let req: CreateFunctionRequest = json_body(body, "CreateFunction").await?;
-            let config = s.control.create_function(req).await?;
-            Ok((StatusCode::CREATED, Json(config)))
-        }
-        .await,
-    )
+#[derive(Debug, Deserialize)]
+pub(super) struct ListAliasesQuery {
+    #[serde(flatten)]
+    paging: Paging,
+    #[serde(rename = "FunctionVersion")]
+    function_version: Option<String>,
 }
 
-pub(super) async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Response {
-    respond(
-        async {
-            let max_items = q
-                .max_items
-                .map(|m| {
-                    m.parse::<i64>().map_err(|_| {
-                        ApiError::invalid_parameter(format!("MaxItems must be a number, not {m:?}"))
-                    })
-                })
-                .transpose()?;
-            let (functions, next) = s.control.list_functions(q.marker, max_items).await?;
-            let mut body = json!({ "Functions": functions });
-            if let Some(next) = next {
-                body["NextMarker"] = next.into();
-            }
-            Ok(Json(body))
+pub(super) async fn create(
+    State(s): State<AppState>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: CreateFunctionRequest = json_body(body, "CreateFunction").await?;
+    let config = s.control.create_function(req).await?;
+    Ok((StatusCode::CREATED, Json(config)))
+}
+
+pub(super) async fn list(
+    State(s): State<AppState>,
+    Query(q): Query<ListFunctionsQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let all = match q.function_version.as_deref() {
+        None => false,
+        Some("ALL") => true,
+        Some(other) => {
+            return Err(super::ApiError::invalid_parameter(format!(
+                "FunctionVersion must be ALL, not {other:?}"
+            )));
         }
-        .await,
-    )
+    };
+    let (functions, next) = s
+        .control
+        .list_functions(q.paging.marker.clone(), q.paging.max_items()?, all)
+        .await?;
+    Ok(listing("Functions", functions, next))
 }
 
 pub(super) async fn get(
@@ -66,98 +71,164 @@ pub(super) async fn get(
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
     headers: HeaderMap,
-) -> Response {
-    respond(
-        async {
-            let r = s.control.function_ref(&name, q.qualifier.as_deref())?;
-            let record = s.control.get_function(&r).await?;
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("127.0.0.1:9000");
-            Ok(Json(json!({
-                "Configuration": s.control.configuration(&record),
-                "Code": {
-                    "RepositoryType": "S3",
-                    "Location": format!("http://{host}/kiln/functions/{}/code.zip", record.name),
-                },
-                "Tags": record.tags,
-            })))
-        }
-        .await,
-    )
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, q.qualifier.as_deref())?;
+    let resolved = s.control.get_function(&r).await?;
+    let unqualified = crate::control::names::FunctionRef {
+        name: r.name.clone(),
+        qualifier: None,
+    };
+    let latest = s.control.get_function(&unqualified).await?;
+    let mut location = format!(
+        "http://{}/kiln/functions/{}/code.zip",
+        host(&headers),
+        resolved.record.name
+    );
+    if let Some(q) = &r.qualifier {
+        location.push_str(&format!("?Qualifier={q}"));
+    }
+    let mut body = json!({
+        "Configuration": s.control.configuration(&resolved),
+        "Code": { "RepositoryType": "S3", "Location": location },
+        "Tags": latest.record.tags,
+    });
+    if let Some(n) = latest.record.reserved_concurrency {
+        body["Concurrency"] = json!({ "ReservedConcurrentExecutions": n });
+    }
+    Ok(Json(body))
 }
 
 pub(super) async fn get_configuration(
     State(s): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
-) -> Response {
-    respond(
-        async {
-            let r = s.control.function_ref(&name, q.qualifier.as_deref())?;
-            let record = s.control.get_function(&r).await?;
-            Ok(Json(s.control.configuration(&record)))
-        }
-        .await,
-    )
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, q.qualifier.as_deref())?;
+    let resolved = s.control.get_function(&r).await?;
+    Ok(Json(s.control.configuration(&resolved)))
 }
 
 pub(super) async fn update_code(
     State(s): State<AppState>,
     Path(name): Path<String>,
     body: Body,
-) -> Response {
-    respond(
-        async {
-            let r = s.control.function_ref(&name, None)?;
-            let req: UpdateFunctionCodeRequest = json_body(body, "UpdateFunctionCode").await?;
-            Ok(Json(s.control.update_function_code(&r, req).await?))
-        }
-        .await,
-    )
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    let req: UpdateFunctionCodeRequest = json_body(body, "UpdateFunctionCode").await?;
+    Ok(Json(s.control.update_function_code(&r, req).await?))
 }
 
 pub(super) async fn update_configuration(
     State(s): State<AppState>,
     Path(name): Path<String>,
     body: Body,
-) -> Response {
-    respond(
-        async {
-            let r = s.control.function_ref(&name, None)?;
-            let req: UpdateFunctionConfigurationRequest =
-                json_body(body, "UpdateFunctionConfiguration").await?;
-            Ok(Json(
-                s.control.update_function_configuration(&r, req).await?,
-            ))
-        }
-        .await,
-    )
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    let req: UpdateFunctionConfigurationRequest =
+        json_body(body, "UpdateFunctionConfiguration").await?;
+    Ok(Json(
+        s.control.update_function_configuration(&r, req).await?,
+    ))
 }
 
 pub(super) async fn delete(
     State(s): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
-) -> Response {
-    respond(
-        async {
-            let r = s.control.function_ref(&name, q.qualifier.as_deref())?;
-            s.control.delete_function(&r).await?;
-            Ok(StatusCode::NO_CONTENT)
-        }
-        .await,
-    )
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, q.qualifier.as_deref())?;
+    s.control.delete_function(&r).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
-pub(super) async fn download_code(State(s): State<AppState>, Path(name): Path<String>) -> Response {
-    respond(
-        async {
-            let r = s.control.function_ref(&name, None)?;
-            let zip = s.control.code_archive(&r).await?;
-            Ok(([(header::CONTENT_TYPE, "application/zip")], zip).into_response())
-        }
-        .await,
-    )
+pub(super) async fn download_code(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<QualifierQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, q.qualifier.as_deref())?;
+    let zip = s.control.code_archive(&r).await?;
+    Ok(([(header::CONTENT_TYPE, "application/zip")], zip).into_response())
+}
+
+pub(super) async fn publish_version(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    let req: PublishVersionRequest = json_body(body, "PublishVersion").await?;
+    let config = s.control.publish_version(&r, req).await?;
+    Ok((StatusCode::CREATED, Json(config)))
+}
+
+pub(super) async fn list_versions(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(p): Query<Paging>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    let (versions, next) = s
+        .control
+        .list_versions(&r, p.marker.clone(), p.max_items()?)
+        .await?;
+    Ok(listing("Versions", versions, next))
+}
+
+pub(super) async fn create_alias(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    let req: CreateAliasRequest = json_body(body, "CreateAlias").await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(s.control.create_alias(&r, req).await?),
+    ))
+}
+
+pub(super) async fn list_aliases(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<ListAliasesQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    let (aliases, next) = s
+        .control
+        .list_aliases(
+            &r,
+            q.function_version,
+            q.paging.marker.clone(),
+            q.paging.max_items()?,
+        )
+        .await?;
+    Ok(listing("Aliases", aliases, next))
+}
+
+pub(super) async fn get_alias(
+    State(s): State<AppState>,
+    Path((name, alias)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    Ok(Json(s.control.get_alias(&r, &alias).await?))
+}
+
+pub(super) async fn update_alias(
+    State(s): State<AppState>,
+    Path((name, alias)): Path<(String, String)>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    let req: UpdateAliasRequest = json_body(body, "UpdateAlias").await?;
+    Ok(Json(s.control.update_alias(&r, &alias, req).await?))
+}
+
+pub(super) async fn delete_alias(
+    State(s): State<AppState>,
+    Path((name, alias)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    s.control.delete_alias(&r, &alias).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -8,6 +8,8 @@
 mod error;
 mod functions;
 mod invoke;
+mod layers;
+mod settings;
 
 use std::sync::Arc;
 
@@ -16,8 +18,9 @@ use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
+
 use serde::de::DeserializeOwned;
 
 pub use error::ApiError;
@@ -40,31 +43,115 @@ pub const MAX_CONTROL_BODY: usize = 70_167_211;
 
 /// The API's router.
 pub fn router(state: AppState) -> Router {
+    use axum::routing::{delete, put};
+    const F: &str = "/2015-03-31/functions/{name}";
     Router::new()
+        // Functions.
         .route(
             "/2015-03-31/functions",
             post(functions::create).get(functions::list),
         )
         .route("/2015-03-31/functions/", get(functions::list))
+        .route(F, get(functions::get).delete(functions::delete))
         .route(
-            "/2015-03-31/functions/{name}",
-            get(functions::get).delete(functions::delete),
-        )
-        .route(
-            "/2015-03-31/functions/{name}/configuration",
+            &format!("{F}/configuration"),
             get(functions::get_configuration).put(functions::update_configuration),
         )
+        .route(&format!("{F}/code"), put(functions::update_code))
+        .route(&format!("{F}/invocations"), post(invoke::invoke))
+        // Versions and aliases.
         .route(
-            "/2015-03-31/functions/{name}/code",
-            axum::routing::put(functions::update_code),
+            &format!("{F}/versions"),
+            post(functions::publish_version).get(functions::list_versions),
         )
         .route(
-            "/2015-03-31/functions/{name}/invocations",
-            post(invoke::invoke),
+            &format!("{F}/aliases"),
+            post(functions::create_alias).get(functions::list_aliases),
         )
+        .route(
+            &format!("{F}/aliases/{{alias}}"),
+            get(functions::get_alias)
+                .put(functions::update_alias)
+                .delete(functions::delete_alias),
+        )
+        // Resource policies.
+        .route(
+            &format!("{F}/policy"),
+            post(settings::add_permission).get(settings::get_policy),
+        )
+        .route(
+            &format!("{F}/policy/{{sid}}"),
+            delete(settings::remove_permission),
+        )
+        // Concurrency.
+        .route(
+            "/2017-10-31/functions/{name}/concurrency",
+            put(settings::put_concurrency).delete(settings::delete_concurrency),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/concurrency",
+            get(settings::get_concurrency),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/provisioned-concurrency",
+            put(settings::put_provisioned)
+                .get(settings::get_provisioned)
+                .delete(settings::delete_provisioned),
+        )
+        .route(
+            "/2016-08-19/account-settings",
+            get(settings::account_settings),
+        )
+        .route(
+            "/2016-08-19/account-settings/",
+            get(settings::account_settings),
+        )
+        // Asynchronous invocation settings.
+        .route(
+            "/2019-09-25/functions/{name}/event-invoke-config",
+            put(settings::put_event_invoke)
+                .post(settings::update_event_invoke)
+                .get(settings::get_event_invoke)
+                .delete(settings::delete_event_invoke),
+        )
+        .route(
+            "/2019-09-25/functions/{name}/event-invoke-config/list",
+            get(settings::list_event_invoke),
+        )
+        // Tags.
+        .route(
+            "/2017-03-31/tags/{arn}",
+            post(settings::tag_resource)
+                .get(settings::list_tags)
+                .delete(settings::untag_resource),
+        )
+        // Layers.
+        .route("/2018-10-31/layers", get(layers::list_or_find))
+        .route("/2018-10-31/layers/", get(layers::list_or_find))
+        .route(
+            "/2018-10-31/layers/{layer}/versions",
+            post(layers::publish).get(layers::list_versions),
+        )
+        .route(
+            "/2018-10-31/layers/{layer}/versions/{version}",
+            get(layers::get_version).delete(layers::delete_version),
+        )
+        .route(
+            "/2018-10-31/layers/{layer}/versions/{version}/policy",
+            post(layers::add_permission).get(layers::get_policy),
+        )
+        .route(
+            "/2018-10-31/layers/{layer}/versions/{version}/policy/{sid}",
+            delete(layers::remove_permission),
+        )
+        // kiln's own.
         .route(
             "/kiln/functions/{name}/code.zip",
             get(functions::download_code),
+        )
+        .route(
+            "/kiln/layers/{layer}/{version}/content.zip",
+            get(layers::download),
         )
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(|| async { "ready" }))
@@ -74,6 +161,56 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// `Marker` and `MaxItems` of a List operation.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub(crate) struct Paging {
+    #[serde(rename = "Marker")]
+    pub(crate) marker: Option<String>,
+    #[serde(rename = "MaxItems")]
+    max_items: Option<String>,
+}
+
+impl Paging {
+    /// `MaxItems` as a number (its range is checked by each operation).
+    pub(crate) fn max_items(&self) -> Result<Option<i64>, ApiError> {
+        self.max_items
+            .as_deref()
+            .map(|m| {
+                m.parse::<i64>().map_err(|_| {
+                    ApiError::invalid_parameter(format!("MaxItems must be a number, not {m:?}"))
+                })
+            })
+            .transpose()
+    }
+}
+
+/// A List operation's answer: `{"<key>": [...], "NextMarker": ...}`.
+pub(crate) fn listing<T: serde::Serialize>(
+    key: &str,
+    items: Vec<T>,
+    next: Option<String>,
+) -> axum::Json<serde_json::Value> {
+    let mut body = serde_json::Map::new();
+    body.insert(
+        key.to_owned(),
+        serde_json::to_value(items).unwrap_or_default(),
+    );
+    if let Some(next) = next {
+        body.insert("NextMarker".to_owned(), next.into());
+    }
+    axum::Json(body.into())
+}
+
+/// The host the caller used, for links back to this server.
+pub(crate) fn host(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or("127.0.0.1:9000")
+        .to_owned()
 }
 
 async fn unknown_operation(request: Request) -> ApiError {
@@ -135,12 +272,4 @@ pub(crate) async fn json_body<T: DeserializeOwned>(
     serde_json::from_slice(bytes).map_err(|e| {
         ApiError::invalid_content(format!("Could not parse request body into json: {e}"))
     })
-}
-
-/// Turns a handler's result into a response.
-pub(crate) fn respond<T: IntoResponse>(result: Result<T, ApiError>) -> Response {
-    match result {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
 }

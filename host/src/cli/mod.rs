@@ -42,6 +42,13 @@ pub enum Command {
         after_help = "Examples:\n  kiln deploy hello examples/hello\n  kiln deploy hello hello.zip --memory 256 --timeout 10"
     )]
     Deploy(DeployArgs),
+    /// List the runtimes kiln accepts, with their lifecycle dates.
+    #[command(after_help = "Example:\n  kiln runtimes --output json")]
+    Runtimes {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Invoke a function and print its response.
     #[command(
         after_help = "Examples:\n  kiln invoke hello --payload '{\"name\":\"Ada\"}'\n  kiln invoke hello --output json"
@@ -69,6 +76,9 @@ pub struct ServeArgs {
     /// Seconds an idle environment is kept warm.
     #[arg(long, default_value_t = 600)]
     pub idle_timeout: u64,
+    /// The account's concurrency limit.
+    #[arg(long, default_value_t = 1000)]
+    pub account_concurrency: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,6 +133,10 @@ pub async fn run_client(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Deploy(args) => deploy(args).await,
+        Command::Runtimes { output } => {
+            runtimes(output);
+            Ok(0)
+        }
         Command::Invoke(args) => invoke(args).await,
     }
 }
@@ -221,6 +235,39 @@ async fn deploy(args: DeployArgs) -> Result<i32> {
         ),
     }
     Ok(0)
+}
+
+fn runtimes(output: Output) {
+    let rows = kiln::control::runtimes::table(time::OffsetDateTime::now_utc().date());
+    match output {
+        Output::Json => {
+            let doc: Vec<Value> = rows
+                .iter()
+                .map(|[id, state, deprecation, create, update, description]| {
+                    json!({
+                        "Runtime": id,
+                        "State": state,
+                        "DeprecationDate": deprecation,
+                        "BlockFunctionCreateDate": create,
+                        "BlockFunctionUpdateDate": update,
+                        "Description": description,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        }
+        Output::Text => {
+            println!(
+                "{:<16} {:<40} {:<12} {:<14} {:<14} DESCRIPTION",
+                "RUNTIME", "STATE", "DEPRECATED", "CREATE BLOCKED", "UPDATE BLOCKED"
+            );
+            for [id, state, deprecation, create, update, description] in rows {
+                println!(
+                    "{id:<16} {state:<40} {deprecation:<12} {create:<14} {update:<14} {description}"
+                );
+            }
+        }
+    }
 }
 
 async fn invoke(args: InvokeArgs) -> Result<i32> {

@@ -1,30 +1,43 @@
-//! The control plane: functions and their configuration.
+//! The control plane: functions, versions, aliases, layers, resource
+//! policies, concurrency and asynchronous-invocation settings, tags.
 //!
 //! Every change goes the same way: validate the request against Lambda's
-//! constraints, store the code (validated and unpacked), let the data plane
+//! constraints, store any code (validated and unpacked), let the data plane
 //! prepare it for its runtime (a component that does not compile is refused
-//! here, not at the first invoke), commit the record to the metadata store,
-//! and only then install it in the data plane. Changes are serialized; reads
-//! are not.
+//! here, not at the first invoke), commit the records to the metadata store
+//! in one transaction, and only then install the result in the data plane.
+//! Changes are serialized by one lock; reads are not.
 
+mod async_config;
+mod concurrency;
+mod functions;
+mod layers;
 pub mod model;
 pub mod names;
+mod policies;
 pub mod requests;
+pub mod runtimes;
+mod tags;
 pub mod validate;
+mod versions;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use base64::Engine as _;
 
-use crate::invoke::DataPlane;
-use crate::sandbox::{PreparedCode, SandboxError};
-use crate::store::artifacts::{ArtifactError, ArtifactStore, StoredArchive};
-use crate::store::meta::{MetaError, MetaStore};
-use model::{ArnContext, FunctionConfiguration, FunctionRecord, LATEST, now_last_modified};
-use names::FunctionRef;
-use requests::{
-    CodeInput, CreateFunctionRequest, UpdateFunctionCodeRequest, UpdateFunctionConfigurationRequest,
+use crate::invoke::{AliasRoute, DataPlane};
+use crate::sandbox::SandboxError;
+use crate::store::artifacts::{ArtifactError, ArtifactStore};
+use crate::store::meta::{Docs, Kind, MetaError, MetaStore, version_key};
+use model::{
+    AliasRecord, ArnContext, FunctionConfiguration, FunctionRecord, LATEST, LayerVersionRecord,
+    ProvisionedRecord,
 };
+use names::FunctionRef;
+
+pub use async_config::EventInvokeView;
+pub use concurrency::{AccountSettings, ProvisionedView};
 
 /// Control-plane failures, each one of Lambda's error types.
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +51,19 @@ pub enum ControlError {
     /// No such resource (`ResourceNotFoundException`).
     #[error("{0}")]
     NotFound(String),
+    /// No provisioned concurrency config
+    /// (`ProvisionedConcurrencyConfigNotFoundException`).
+    #[error("{0}")]
+    ProvisionedNotFound(String),
     /// The resource exists or is in the way (`ResourceConflictException`).
     #[error("{0}")]
     Conflict(String),
     /// A stale `RevisionId` (`PreconditionFailedException`).
     #[error("{0}")]
     PreconditionFailed(String),
+    /// A policy over its size limit (`PolicyLengthExceededException`).
+    #[error("{0}")]
+    PolicyTooLong(String),
     /// The upload is too large (`RequestEntityTooLargeException`).
     #[error("{0}")]
     TooLarge(String),
@@ -55,9 +75,7 @@ pub enum ControlError {
 impl From<MetaError> for ControlError {
     fn from(e: MetaError) -> Self {
         match e {
-            MetaError::Exists(name) => {
-                ControlError::Conflict(format!("Function already exist: {name}"))
-            }
+            MetaError::Exists(what) => ControlError::Conflict(format!("{what} already exists")),
             other => ControlError::Internal(other.to_string()),
         }
     }
@@ -82,12 +100,22 @@ impl From<SandboxError> for ControlError {
     }
 }
 
+/// Settings of the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// ARNs' region and account.
+    pub arn: ArnContext,
+    /// The account's concurrency limit.
+    pub account_concurrency: u32,
+}
+
 /// The control plane of one host.
 pub struct ControlPlane {
     meta: Arc<MetaStore>,
     artifacts: ArtifactStore,
     data: Arc<DataPlane>,
     arn: ArnContext,
+    account_concurrency: u32,
     writes: tokio::sync::Mutex<()>,
 }
 
@@ -99,7 +127,7 @@ impl std::fmt::Debug for ControlPlane {
     }
 }
 
-/// Runs blocking store work off the async workers.
+/// Runs blocking work off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ControlError> + Send + 'static,
 ) -> Result<T, ControlError> {
@@ -108,19 +136,42 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ControlError::Internal(format!("store task failed: {e}")))?
 }
 
+/// A function version looked up through a qualifier.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The version's record.
+    pub record: FunctionRecord,
+    /// The qualifier the caller used, if any.
+    pub qualifier: Option<String>,
+    /// The alias, when the qualifier is one.
+    pub alias: Option<AliasRecord>,
+}
+
+impl Resolved {
+    /// A record seen without a qualifier.
+    pub fn unqualified(record: FunctionRecord) -> Self {
+        Self {
+            record,
+            qualifier: None,
+            alias: None,
+        }
+    }
+}
+
 impl ControlPlane {
     /// A control plane over the stores, feeding `data`.
     pub fn new(
         meta: Arc<MetaStore>,
         artifacts: ArtifactStore,
         data: Arc<DataPlane>,
-        arn: ArnContext,
+        config: ControlConfig,
     ) -> Self {
         Self {
             meta,
             artifacts,
             data,
-            arn,
+            arn: config.arn,
+            account_concurrency: config.account_concurrency,
             writes: tokio::sync::Mutex::new(()),
         }
     }
@@ -130,17 +181,73 @@ impl ControlPlane {
         &self.arn
     }
 
-    /// Installs every stored function in the data plane (at start).
-    pub async fn load_all(&self) -> Result<usize, ControlError> {
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Docs<'_>) -> Result<T, ControlError> + Send + 'static,
+    ) -> Result<T, ControlError> {
         let meta = self.meta.clone();
-        let records: Vec<FunctionRecord> =
-            blocking(move || Ok(meta.list_functions(None, usize::MAX >> 1)?)).await?;
-        let n = records.len();
-        for record in records {
-            let dir = self.artifacts.dir(&record.code_sha256_hex);
-            self.data.install(record, dir, None);
+        blocking(move || meta.read(f)).await
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Docs<'_>) -> Result<T, ControlError> + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let meta = self.meta.clone();
+        blocking(move || meta.write(f)).await
+    }
+
+    /// Installs every stored function, version, alias and provisioned
+    /// config in the data plane (at start).
+    pub async fn load_all(&self) -> Result<usize, ControlError> {
+        let (functions, versions, aliases, provisioned) = self
+            .read(|d| {
+                Ok((
+                    d.all::<FunctionRecord>(Kind::Function)?,
+                    d.all::<FunctionRecord>(Kind::Version)?,
+                    d.all::<AliasRecord>(Kind::Alias)?,
+                    d.all::<ProvisionedRecord>(Kind::Provisioned)?,
+                ))
+            })
+            .await?;
+        let n = functions.len();
+        for (_, _, record) in functions.into_iter().chain(versions) {
+            self.install(record).await?;
+        }
+        for (function, _, alias) in aliases {
+            self.data
+                .set_alias(&function, &alias.name, Some(route_of(&alias)));
+        }
+        for (function, qualifier, p) in provisioned {
+            if let Some(version) = self.data.version_of(&function, &qualifier) {
+                self.data
+                    .set_provisioned(&function, &qualifier, &version, p.requested);
+            }
         }
         Ok(n)
+    }
+
+    /// Puts a record into the data plane, merging its layers for `/opt`.
+    async fn install(&self, record: FunctionRecord) -> Result<(), ControlError> {
+        let (task_dir, opt_dir) = self.dirs(&record).await?;
+        self.data.install(record, task_dir, opt_dir, None);
+        Ok(())
+    }
+
+    /// The `/var/task` and `/opt` directories of a record.
+    async fn dirs(
+        &self,
+        record: &FunctionRecord,
+    ) -> Result<(std::path::PathBuf, Option<std::path::PathBuf>), ControlError> {
+        let layers: Vec<String> = record.layers.iter().map(|l| l.sha256_hex.clone()).collect();
+        let artifacts = self.artifacts.clone();
+        let opt = blocking(move || {
+            artifacts
+                .merged_layers(&layers)
+                .map_err(|e| ControlError::Internal(format!("merging layers: {e}")))
+        })
+        .await?;
+        Ok((self.artifacts.dir(&record.code_sha256_hex), opt))
     }
 
     /// Parses a `FunctionName` path parameter plus an optional `Qualifier`.
@@ -166,350 +273,148 @@ impl ControlPlane {
         Ok(r)
     }
 
-    async fn record(&self, r: &FunctionRef) -> Result<FunctionRecord, ControlError> {
-        if r.qualifier.as_deref().is_some_and(|q| q != LATEST) {
-            return Err(ControlError::NotFound(format!(
-                "Function not found: {}",
-                self.arn
-                    .qualified_arn(&r.name, r.qualifier.as_deref().unwrap_or_default())
-            )));
-        }
-        let meta = self.meta.clone();
+    fn not_found(&self, r: &FunctionRef) -> ControlError {
+        ControlError::NotFound(format!(
+            "Function not found: {}",
+            match &r.qualifier {
+                Some(q) => self.arn.qualified_arn(&r.name, q),
+                None => self.arn.function_arn(&r.name),
+            }
+        ))
+    }
+
+    /// The function's `$LATEST`, whatever the qualifier says.
+    async fn latest(&self, name: &str) -> Result<FunctionRecord, ControlError> {
+        let key = name.to_owned();
+        self.read(move |d| Ok(d.get::<FunctionRecord>(Kind::Function, "", &key)?))
+            .await?
+            .ok_or_else(|| {
+                ControlError::NotFound(format!(
+                    "Function not found: {}",
+                    self.arn.function_arn(name)
+                ))
+            })
+    }
+
+    /// The version a reference names: `$LATEST`, a number, or an alias's
+    /// primary version.
+    pub async fn resolve(&self, r: &FunctionRef) -> Result<Resolved, ControlError> {
         let name = r.name.clone();
-        let found = blocking(move || Ok(meta.get_function::<FunctionRecord>(&name)?)).await?;
-        found.ok_or_else(|| {
-            ControlError::NotFound(format!(
-                "Function not found: {}",
-                self.arn.function_arn(&r.name)
-            ))
-        })
+        let qualifier = r.qualifier.clone();
+        let found = self
+            .read(move |d| resolve_in(d, &name, qualifier.as_deref()))
+            .await?;
+        found.ok_or_else(|| self.not_found(r))
     }
 
-    /// `GetFunctionConfiguration` / `GetFunction`.
-    pub async fn get_function(&self, r: &FunctionRef) -> Result<FunctionRecord, ControlError> {
-        self.record(r).await
+    /// The wire form of a record as seen through `qualifier`.
+    pub fn configuration(&self, resolved: &Resolved) -> FunctionConfiguration {
+        let mut config = FunctionConfiguration::from_record(
+            &resolved.record,
+            &self.arn,
+            resolved.qualifier.is_some(),
+        );
+        if let Some(q) = &resolved.qualifier {
+            config.function_arn = self.arn.qualified_arn(&resolved.record.name, q);
+        }
+        config
     }
 
-    /// The wire form of a record.
-    pub fn configuration(&self, record: &FunctionRecord) -> FunctionConfiguration {
-        FunctionConfiguration::from_record(record, &self.arn)
-    }
-
-    /// The stored code archive of a function.
-    pub async fn code_archive(&self, r: &FunctionRef) -> Result<Vec<u8>, ControlError> {
-        let record = self.record(r).await?;
+    /// Removes archives and merged layer directories nothing refers to.
+    async fn collect_garbage(&self) {
         let artifacts = self.artifacts.clone();
-        blocking(move || {
-            artifacts
-                .read_zip(&record.code_sha256_hex)
-                .map_err(|e| ControlError::Internal(format!("reading the code archive: {e}")))
-        })
-        .await
-    }
-
-    /// `ListFunctions`: a page of functions in name order.
-    pub async fn list_functions(
-        &self,
-        marker: Option<String>,
-        max_items: Option<i64>,
-    ) -> Result<(Vec<FunctionConfiguration>, Option<String>), ControlError> {
-        let limit = match max_items {
-            None => 50,
-            Some(n) if (1..=10_000).contains(&n) => n as usize,
-            Some(n) => {
-                return Err(ControlError::Validation(format!(
-                    "1 validation error detected: Value '{n}' at 'maxItems' failed to satisfy \
-                     constraint: Member must have value between 1 and 10000"
-                )));
-            }
-        };
-        let after = match marker {
-            None => None,
-            Some(m) => Some(decode_marker(&m)?),
-        };
-        let meta = self.meta.clone();
-        let mut page: Vec<FunctionRecord> =
-            blocking(move || Ok(meta.list_functions(after.as_deref(), limit + 1)?)).await?;
-        let next = if page.len() > limit {
-            page.truncate(limit);
-            page.last().map(|r| encode_marker(&r.name))
-        } else {
-            None
-        };
-        Ok((page.iter().map(|r| self.configuration(r)).collect(), next))
-    }
-
-    /// `CreateFunction`.
-    pub async fn create_function(
-        &self,
-        req: CreateFunctionRequest,
-    ) -> Result<FunctionConfiguration, ControlError> {
-        let name_ref = names::parse_function_ref(&req.function_name, &self.arn)?;
-        if name_ref.qualifier.is_some() {
-            return Err(names::pattern_error(
-                "functionName",
-                &req.function_name,
-                "a function name without a qualifier",
-            ));
-        }
-        let name = name_ref.name;
-        let runtime = req.runtime.ok_or_else(|| {
-            ControlError::InvalidParameter(
-                "Runtime is required for a .zip deployment package: use wasip2".to_owned(),
-            )
-        })?;
-        validate::runtime(&runtime)?;
-        validate::role(&req.role)?;
-        let handler = req.handler.unwrap_or_else(|| "function.wasm".to_owned());
-        validate::handler(&handler)?;
-        let description = req.description.unwrap_or_default();
-        validate::description(&description)?;
-        let timeout = validate::timeout(req.timeout.unwrap_or(3))?;
-        let memory_size = validate::memory_size(req.memory_size.unwrap_or(128))?;
-        let ephemeral_storage =
-            validate::ephemeral_storage(req.ephemeral_storage.map_or(512, |e| e.size))?;
-        let environment = req
-            .environment
-            .and_then(|e| e.variables)
-            .unwrap_or_default();
-        validate::environment(&environment)?;
-        let tags = req.tags.unwrap_or_default();
-        validate::tags(&tags)?;
-        let architectures = req
-            .architectures
-            .unwrap_or_else(|| vec!["x86_64".to_owned()]);
-        validate::architectures(&architectures)?;
-        if req.package_type.as_deref().is_some_and(|p| p != "Zip") {
-            return Err(ControlError::InvalidParameter(
-                "PackageType must be Zip: kiln does not run container images".to_owned(),
-            ));
-        }
-        unsupported_features(req.publish, req.layers.as_deref())?;
-        let zip = zip_bytes(req.code)?;
-
-        let _guard = self.writes.lock().await;
-        let exists = {
+        let result = {
             let meta = self.meta.clone();
-            let name = name.clone();
-            blocking(move || Ok(meta.get_function::<FunctionRecord>(&name)?.is_some())).await?
-        };
-        if exists {
-            return Err(ControlError::Conflict(format!(
-                "Function already exist: {name}"
-            )));
-        }
-        let archive = self.store_archive(zip).await?;
-        let record = FunctionRecord {
-            name: name.clone(),
-            runtime,
-            role: req.role,
-            handler,
-            description,
-            timeout,
-            memory_size,
-            ephemeral_storage,
-            environment,
-            architectures,
-            code_sha256_hex: archive.sha256_hex.clone(),
-            code_sha256: archive.sha256_base64.clone(),
-            code_size: archive.size,
-            revision_id: uuid::Uuid::new_v4().to_string(),
-            last_modified: now_last_modified(),
-            tags,
-        };
-        let code = match self.prepare(&record).await {
-            Ok(code) => code,
-            Err(e) => {
-                self.collect_archive(&archive.sha256_hex).await;
-                return Err(e);
-            }
-        };
-        {
-            let meta = self.meta.clone();
-            let record = record.clone();
-            blocking(move || Ok(meta.insert_function(&record.name, &record)?)).await?;
-        }
-        let config = self.configuration(&record);
-        self.data
-            .install(record, self.artifacts.dir(&archive.sha256_hex), Some(code));
-        tracing::info!(function = %name, code_sha256 = %archive.sha256_base64, "function created");
-        Ok(config)
-    }
-
-    /// `UpdateFunctionCode`.
-    pub async fn update_function_code(
-        &self,
-        r: &FunctionRef,
-        req: UpdateFunctionCodeRequest,
-    ) -> Result<FunctionConfiguration, ControlError> {
-        unsupported_features(req.publish, None)?;
-        if let Some(a) = &req.architectures {
-            validate::architectures(a)?;
-        }
-        let zip = zip_bytes(req.code)?;
-        let _guard = self.writes.lock().await;
-        let current = self.record(r).await?;
-        check_revision(&current, req.revision_id.as_deref())?;
-        let archive = self.store_archive(zip).await?;
-        let mut record = current.clone();
-        record.code_sha256_hex = archive.sha256_hex.clone();
-        record.code_sha256 = archive.sha256_base64.clone();
-        record.code_size = archive.size;
-        let code = match self.prepare(&record).await {
-            Ok(code) => code,
-            Err(e) => {
-                if archive.sha256_hex != current.code_sha256_hex {
-                    self.collect_archive(&archive.sha256_hex).await;
+            blocking(move || {
+                let (functions, versions, layers) = meta.read(|d| {
+                    Ok::<_, ControlError>((
+                        d.all::<FunctionRecord>(Kind::Function)?,
+                        d.all::<FunctionRecord>(Kind::Version)?,
+                        d.all::<LayerVersionRecord>(Kind::Layer)?,
+                    ))
+                })?;
+                let mut keep = HashSet::new();
+                let mut merged = Vec::new();
+                for (_, _, r) in functions.iter().chain(&versions) {
+                    keep.insert(r.code_sha256_hex.clone());
+                    keep.extend(r.layers.iter().map(|l| l.sha256_hex.clone()));
+                    if !r.layers.is_empty() {
+                        merged.push(r.layers.iter().map(|l| l.sha256_hex.clone()).collect());
+                    }
                 }
-                return Err(e);
-            }
+                keep.extend(layers.into_iter().map(|(_, _, l)| l.sha256_hex));
+                artifacts
+                    .sweep(&keep, &merged)
+                    .map_err(|e| ControlError::Internal(e.to_string()))
+            })
+            .await
         };
-        if req.dry_run.unwrap_or(false) {
-            if archive.sha256_hex != current.code_sha256_hex {
-                self.collect_archive(&archive.sha256_hex).await;
-            }
-            return Ok(self.configuration(&record));
-        }
-        record.revision_id = uuid::Uuid::new_v4().to_string();
-        record.last_modified = now_last_modified();
-        self.commit(&record).await?;
-        self.data.install(
-            record.clone(),
-            self.artifacts.dir(&archive.sha256_hex),
-            Some(code),
-        );
-        if current.code_sha256_hex != record.code_sha256_hex {
-            self.collect_archive(&current.code_sha256_hex).await;
-        }
-        Ok(self.configuration(&record))
-    }
-
-    /// `UpdateFunctionConfiguration`.
-    pub async fn update_function_configuration(
-        &self,
-        r: &FunctionRef,
-        req: UpdateFunctionConfigurationRequest,
-    ) -> Result<FunctionConfiguration, ControlError> {
-        let _guard = self.writes.lock().await;
-        let current = self.record(r).await?;
-        check_revision(&current, req.revision_id.as_deref())?;
-        let mut record = current.clone();
-        if let Some(role) = req.role {
-            validate::role(&role)?;
-            record.role = role;
-        }
-        if let Some(handler) = req.handler {
-            validate::handler(&handler)?;
-            record.handler = handler;
-        }
-        if let Some(description) = req.description {
-            validate::description(&description)?;
-            record.description = description;
-        }
-        if let Some(t) = req.timeout {
-            record.timeout = validate::timeout(t)?;
-        }
-        if let Some(m) = req.memory_size {
-            record.memory_size = validate::memory_size(m)?;
-        }
-        if let Some(e) = req.ephemeral_storage {
-            record.ephemeral_storage = validate::ephemeral_storage(e.size)?;
-        }
-        if let Some(env) = req.environment {
-            let vars = env.variables.unwrap_or_default();
-            validate::environment(&vars)?;
-            record.environment = vars;
-        }
-        if let Some(runtime) = req.runtime {
-            validate::runtime(&runtime)?;
-            record.runtime = runtime;
-        }
-        unsupported_features(None, req.layers.as_deref())?;
-        let code = if record.code_key() != current.code_key() || record.runtime != current.runtime {
-            Some(self.prepare(&record).await?)
-        } else {
-            None
-        };
-        record.revision_id = uuid::Uuid::new_v4().to_string();
-        record.last_modified = now_last_modified();
-        self.commit(&record).await?;
-        self.data.install(
-            record.clone(),
-            self.artifacts.dir(&record.code_sha256_hex),
-            code,
-        );
-        Ok(self.configuration(&record))
-    }
-
-    /// `DeleteFunction`.
-    pub async fn delete_function(&self, r: &FunctionRef) -> Result<(), ControlError> {
-        if let Some(q) = &r.qualifier {
-            return Err(ControlError::InvalidParameter(if q == LATEST {
-                "$LATEST version cannot be deleted without deleting the function.".to_owned()
-            } else {
-                format!("Function not found: {}", self.arn.qualified_arn(&r.name, q))
-            }));
-        }
-        let _guard = self.writes.lock().await;
-        let record = self.record(r).await?;
-        let meta = self.meta.clone();
-        let name = record.name.clone();
-        blocking(move || Ok(meta.delete_function(&name)?)).await?;
-        self.data.remove(&record.name);
-        self.collect_archive(&record.code_sha256_hex).await;
-        tracing::info!(function = %record.name, "function deleted");
-        Ok(())
-    }
-
-    async fn store_archive(&self, zip: Vec<u8>) -> Result<StoredArchive, ControlError> {
-        let artifacts = self.artifacts.clone();
-        blocking(move || Ok(artifacts.put(&zip)?)).await
-    }
-
-    async fn prepare(&self, record: &FunctionRecord) -> Result<PreparedCode, ControlError> {
-        Ok(self
-            .data
-            .prepare(record, self.artifacts.dir(&record.code_sha256_hex))
-            .await?)
-    }
-
-    async fn commit(&self, record: &FunctionRecord) -> Result<(), ControlError> {
-        let meta = self.meta.clone();
-        let record = record.clone();
-        let updated = blocking(move || Ok(meta.update_function(&record.name, &record)?)).await?;
-        if !updated {
-            return Err(ControlError::Conflict(
-                "The function was deleted while it was being updated".to_owned(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Removes an archive no function uses any more.
-    async fn collect_archive(&self, sha256_hex: &str) {
-        let meta = self.meta.clone();
-        let artifacts = self.artifacts.clone();
-        let sha = sha256_hex.to_owned();
-        let result = blocking(move || {
-            let all: Vec<FunctionRecord> = meta.list_functions(None, usize::MAX >> 1)?;
-            if all.iter().any(|r| r.code_sha256_hex == sha) {
-                return Ok(false);
-            }
-            artifacts
-                .remove(&sha)
-                .map_err(|e| ControlError::Internal(e.to_string()))?;
-            Ok(true)
-        })
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "removing an unused code archive");
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "removed unused code archives"),
+            Err(e) => tracing::warn!(error = %e, "removing unused code archives"),
         }
     }
 }
 
-fn check_revision(record: &FunctionRecord, expected: Option<&str>) -> Result<(), ControlError> {
+/// Looks a qualifier up within a read transaction.
+fn resolve_in(
+    d: &Docs<'_>,
+    name: &str,
+    qualifier: Option<&str>,
+) -> Result<Option<Resolved>, ControlError> {
+    let found = match qualifier {
+        None | Some(LATEST) => d
+            .get::<FunctionRecord>(Kind::Function, "", name)?
+            .map(|record| (record, None)),
+        Some(q) if q.bytes().all(|b| b.is_ascii_digit()) => match q.parse::<u64>() {
+            Ok(n) => d
+                .get::<FunctionRecord>(Kind::Version, name, &version_key(n))?
+                .map(|record| (record, None)),
+            Err(_) => None,
+        },
+        Some(alias) => match d.get::<AliasRecord>(Kind::Alias, name, alias)? {
+            None => None,
+            Some(a) => version_record(d, name, &a.function_version)?.map(|r| (r, Some(a))),
+        },
+    };
+    Ok(found.map(|(record, alias)| Resolved {
+        record,
+        qualifier: qualifier.map(str::to_owned),
+        alias,
+    }))
+}
+
+/// `$LATEST` or a published version's record.
+fn version_record(
+    d: &Docs<'_>,
+    name: &str,
+    version: &str,
+) -> Result<Option<FunctionRecord>, ControlError> {
+    if version == LATEST {
+        return Ok(d.get(Kind::Function, "", name)?);
+    }
+    match version.parse::<u64>() {
+        Ok(n) => Ok(d.get(Kind::Version, name, &version_key(n))?),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The data plane's route for an alias.
+fn route_of(a: &AliasRecord) -> AliasRoute {
+    AliasRoute {
+        primary: a.function_version.clone(),
+        additional: a
+            .additional_weights
+            .iter()
+            .next()
+            .map(|(v, w)| (v.clone(), *w)),
+    }
+}
+
+fn check_revision(current: &str, expected: Option<&str>) -> Result<(), ControlError> {
     match expected {
-        Some(rev) if rev != record.revision_id => Err(ControlError::PreconditionFailed(
+        Some(rev) if rev != current => Err(ControlError::PreconditionFailed(
             "The Revision Id provided does not match the latest Revision Id. Call the \
              GetFunction/GetAlias API to retrieve the latest Revision Id"
                 .to_owned(),
@@ -518,26 +423,62 @@ fn check_revision(record: &FunctionRecord, expected: Option<&str>) -> Result<(),
     }
 }
 
-/// Features of the API that later kiln releases bring; refused clearly
-/// rather than ignored.
-fn unsupported_features(
-    publish: Option<bool>,
-    layers: Option<&[String]>,
-) -> Result<(), ControlError> {
-    if publish == Some(true) {
-        return Err(ControlError::InvalidParameter(
-            "Publish is not supported by this kiln release: deploy without Publish".to_owned(),
-        ));
-    }
-    if layers.is_some_and(|l| !l.is_empty()) {
-        return Err(ControlError::InvalidParameter(
-            "Layers are not supported by this kiln release".to_owned(),
-        ));
-    }
-    Ok(())
+/// Opaque paging markers: the last key of the previous page.
+fn encode_marker(key: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
 }
 
-fn zip_bytes(code: CodeInput) -> Result<Vec<u8>, ControlError> {
+fn decode_marker(marker: &str) -> Result<String, ControlError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(marker)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            ControlError::InvalidParameter(format!(
+                "Marker {marker:?} is not valid: pass the NextMarker of a previous page"
+            ))
+        })
+}
+
+/// `MaxItems` within `1..=max`, `default` when absent.
+fn page_size(max_items: Option<i64>, default: usize, max: usize) -> Result<usize, ControlError> {
+    match max_items {
+        None => Ok(default),
+        Some(n) if n >= 1 && (n as u64) <= max as u64 => Ok(n as usize),
+        Some(n) => Err(ControlError::Validation(format!(
+            "1 validation error detected: Value '{n}' at 'maxItems' failed to satisfy \
+             constraint: Member must have value between 1 and {max}"
+        ))),
+    }
+}
+
+/// Pages an in-memory, ordered list by key.
+fn paginate<T>(
+    items: Vec<(String, T)>,
+    marker: Option<String>,
+    limit: usize,
+) -> Result<(Vec<T>, Option<String>), ControlError> {
+    let after = marker.map(|m| decode_marker(&m)).transpose()?;
+    let mut rest: Vec<(String, T)> = match &after {
+        Some(a) => {
+            let start = items
+                .iter()
+                .position(|(k, _)| k == a)
+                .map_or(items.len(), |i| i + 1);
+            items.into_iter().skip(start).collect()
+        }
+        None => items,
+    };
+    let next = if rest.len() > limit {
+        rest.truncate(limit);
+        rest.last().map(|(k, _)| encode_marker(k))
+    } else {
+        None
+    };
+    Ok((rest.into_iter().map(|(_, v)| v).collect(), next))
+}
+
+fn zip_bytes(code: requests::CodeInput) -> Result<Vec<u8>, ControlError> {
     if code.s3_bucket.is_some() || code.s3_key.is_some() || code.s3_object_version.is_some() {
         return Err(ControlError::InvalidParameter(
             "kiln does not fetch code from S3: upload the zip file itself in Code.ZipFile \
@@ -557,23 +498,31 @@ fn zip_bytes(code: CodeInput) -> Result<Vec<u8>, ControlError> {
     })?;
     base64::engine::general_purpose::STANDARD
         .decode(encoded.as_bytes())
-        .map_err(|e| {
-            ControlError::InvalidParameter(format!("Code.ZipFile is not valid base64: {e}"))
-        })
+        .map_err(|e| ControlError::InvalidParameter(format!("ZipFile is not valid base64: {e}")))
 }
 
-fn encode_marker(name: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(name)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn decode_marker(marker: &str) -> Result<String, ControlError> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(marker)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| {
-            ControlError::InvalidParameter(format!(
-                "Marker {marker:?} is not valid: pass the NextMarker of a previous page"
-            ))
-        })
+    #[test]
+    fn pages_follow_markers() {
+        let items: Vec<(String, u32)> = (0..5).map(|i| (format!("k{i}"), i)).collect();
+        let (page, next) = paginate(items.clone(), None, 2).unwrap();
+        assert_eq!(page, vec![0, 1]);
+        let (page, next) = paginate(items.clone(), next, 2).unwrap();
+        assert_eq!(page, vec![2, 3]);
+        let (page, next) = paginate(items.clone(), next, 2).unwrap();
+        assert_eq!(page, vec![4]);
+        assert!(next.is_none());
+        assert!(paginate(items, Some("%%%".into()), 2).is_err());
+    }
+
+    #[test]
+    fn page_sizes() {
+        assert_eq!(page_size(None, 50, 10_000).unwrap(), 50);
+        assert_eq!(page_size(Some(10_000), 50, 10_000).unwrap(), 10_000);
+        assert!(page_size(Some(0), 50, 10_000).is_err());
+        assert!(page_size(Some(51), 50, 50).is_err());
+    }
 }

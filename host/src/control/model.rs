@@ -8,11 +8,19 @@ use serde::{Deserialize, Serialize};
 /// The version every function has: its mutable head.
 pub const LATEST: &str = "$LATEST";
 
-/// One function as stored: the configuration of its `$LATEST`.
+fn latest() -> String {
+    LATEST.to_owned()
+}
+
+/// One version of a function as stored: `$LATEST` (mutable, one per
+/// function) or a published version (an immutable copy).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionRecord {
     /// The function's name.
     pub name: String,
+    /// `$LATEST` or the version number.
+    #[serde(default = "latest")]
+    pub version: String,
     /// The runtime identifier (`wasip2`, ...).
     pub runtime: String,
     /// The execution role ARN.
@@ -37,15 +45,69 @@ pub struct FunctionRecord {
     pub code_sha256: String,
     /// Archive size in bytes.
     pub code_size: u64,
+    /// Unpacked size of the archive.
+    #[serde(default)]
+    pub code_unzipped_size: u64,
+    /// Layers, in the order they are merged into `/opt`.
+    #[serde(default)]
+    pub layers: Vec<LayerRef>,
     /// Changes on every update; callers may make updates conditional on it.
     pub revision_id: String,
     /// Time of the last change, in Lambda's format.
     pub last_modified: String,
-    /// Tags.
+    /// Tags (kept on `$LATEST`; they belong to the function).
     pub tags: BTreeMap<String, String>,
+    /// The highest version number ever published (kept on `$LATEST`;
+    /// numbers are never reused).
+    #[serde(default)]
+    pub last_version: u64,
+    /// Reserved concurrency (kept on `$LATEST`; it belongs to the function).
+    #[serde(default)]
+    pub reserved_concurrency: Option<u32>,
+    /// On a published version: the [`FunctionRecord::fingerprint`] of the
+    /// `$LATEST` it was published from.
+    #[serde(default)]
+    pub published_from: Option<String>,
+}
+
+/// A layer version a function uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRef {
+    /// `arn:aws:lambda:<region>:<account>:layer:<name>:<version>`.
+    pub arn: String,
+    /// Archive size.
+    pub code_size: u64,
+    /// Unpacked size.
+    pub unzipped_size: u64,
+    /// Hex SHA-256 of the archive.
+    pub sha256_hex: String,
 }
 
 impl FunctionRecord {
+    /// Whether this is the mutable `$LATEST`.
+    pub fn is_latest(&self) -> bool {
+        self.version == LATEST
+    }
+
+    /// What makes `$LATEST` unchanged for `PublishVersion`: code and
+    /// configuration.
+    pub fn fingerprint(&self) -> String {
+        serde_json::json!([
+            self.code_sha256_hex,
+            self.description,
+            self.runtime,
+            self.role,
+            self.handler,
+            self.timeout,
+            self.memory_size,
+            self.ephemeral_storage,
+            self.environment,
+            self.architectures,
+            self.layers.iter().map(|l| &l.arn).collect::<Vec<_>>(),
+        ])
+        .to_string()
+    }
+
     /// The key under which this record's compiled code is cached: one per
     /// archive and component path.
     pub fn code_key(&self) -> String {
@@ -79,6 +141,19 @@ impl ArnContext {
     pub fn qualified_arn(&self, name: &str, qualifier: &str) -> String {
         format!("{}:{qualifier}", self.function_arn(name))
     }
+
+    /// `arn:aws:lambda:<region>:<account>:layer:<name>`.
+    pub fn layer_arn(&self, name: &str) -> String {
+        format!(
+            "arn:aws:lambda:{}:{}:layer:{name}",
+            self.region, self.account_id
+        )
+    }
+
+    /// A layer version's ARN.
+    pub fn layer_version_arn(&self, name: &str, version: u64) -> String {
+        format!("{}:{version}", self.layer_arn(name))
+    }
 }
 
 /// botocore's `FunctionConfiguration`, as every function operation returns it.
@@ -99,6 +174,8 @@ pub struct FunctionConfiguration {
     pub version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub environment: Option<EnvironmentResponse>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerResponse>,
     pub tracing_config: TracingConfig,
     pub revision_id: String,
     pub state: &'static str,
@@ -114,6 +191,14 @@ pub struct FunctionConfiguration {
 #[serde(rename_all = "PascalCase")]
 pub struct EnvironmentResponse {
     pub variables: BTreeMap<String, String>,
+}
+
+/// A layer in a configuration response.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayerResponse {
+    pub arn: String,
+    pub code_size: u64,
 }
 
 /// `TracingConfig`.
@@ -139,11 +224,16 @@ pub struct LoggingConfig {
 }
 
 impl FunctionConfiguration {
-    /// The wire form of a stored record.
-    pub fn from_record(r: &FunctionRecord, arn: &ArnContext) -> Self {
+    /// The wire form of a stored record. A published version's ARN always
+    /// carries its number; `$LATEST`'s only when the caller named it.
+    pub fn from_record(r: &FunctionRecord, arn: &ArnContext, qualified: bool) -> Self {
         Self {
             function_name: r.name.clone(),
-            function_arn: arn.function_arn(&r.name),
+            function_arn: if qualified || !r.is_latest() {
+                arn.qualified_arn(&r.name, &r.version)
+            } else {
+                arn.function_arn(&r.name)
+            },
             runtime: r.runtime.clone(),
             role: r.role.clone(),
             handler: r.handler.clone(),
@@ -153,10 +243,18 @@ impl FunctionConfiguration {
             memory_size: r.memory_size,
             last_modified: r.last_modified.clone(),
             code_sha256: r.code_sha256.clone(),
-            version: LATEST.to_owned(),
+            version: r.version.clone(),
             environment: (!r.environment.is_empty()).then(|| EnvironmentResponse {
                 variables: r.environment.clone(),
             }),
+            layers: r
+                .layers
+                .iter()
+                .map(|l| LayerResponse {
+                    arn: l.arn.clone(),
+                    code_size: l.code_size,
+                })
+                .collect(),
             tracing_config: TracingConfig {
                 mode: "PassThrough",
             },
@@ -174,6 +272,135 @@ impl FunctionConfiguration {
             },
         }
     }
+}
+
+/// An alias: a name for one version, or for two with weighted routing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    /// The alias's name.
+    pub name: String,
+    /// The version it points to.
+    pub function_version: String,
+    /// Free text.
+    pub description: String,
+    /// Other versions and the share of invocations they get (0.0-1.0).
+    pub additional_weights: BTreeMap<String, f64>,
+    /// Changes on every update.
+    pub revision_id: String,
+}
+
+/// botocore's `AliasConfiguration`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AliasConfiguration {
+    pub alias_arn: String,
+    pub name: String,
+    pub function_version: String,
+    pub description: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing_config: Option<RoutingConfig>,
+    pub revision_id: String,
+}
+
+/// `AliasRoutingConfiguration`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct RoutingConfig {
+    #[serde(default)]
+    pub additional_version_weights: BTreeMap<String, f64>,
+}
+
+impl AliasConfiguration {
+    /// The wire form of an alias of function `function`.
+    pub fn from_record(function: &str, a: &AliasRecord, arn: &ArnContext) -> Self {
+        Self {
+            alias_arn: arn.qualified_arn(function, &a.name),
+            name: a.name.clone(),
+            function_version: a.function_version.clone(),
+            description: a.description.clone(),
+            routing_config: (!a.additional_weights.is_empty()).then(|| RoutingConfig {
+                additional_version_weights: a.additional_weights.clone(),
+            }),
+            revision_id: a.revision_id.clone(),
+        }
+    }
+}
+
+/// A published layer version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerVersionRecord {
+    /// The layer's name.
+    pub name: String,
+    /// Its version number.
+    pub version: u64,
+    /// Free text.
+    pub description: String,
+    /// Lambda's `CreatedDate`.
+    pub created_date: String,
+    /// Runtimes the publisher declared.
+    pub compatible_runtimes: Vec<String>,
+    /// Architectures the publisher declared.
+    pub compatible_architectures: Vec<String>,
+    /// License text or SPDX id.
+    pub license_info: Option<String>,
+    /// Hex SHA-256 of the archive.
+    pub sha256_hex: String,
+    /// Base64 SHA-256.
+    pub sha256_base64: String,
+    /// Archive size.
+    pub code_size: u64,
+    /// Unpacked size.
+    pub unzipped_size: u64,
+}
+
+/// A resource policy: Lambda's policy document, built from statements.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct PolicyRecord {
+    /// The statements, as Lambda renders them (`Sid`, `Effect`,
+    /// `Principal`, `Action`, `Resource`, `Condition`).
+    pub statements: Vec<serde_json::Value>,
+    /// Changes on every change.
+    pub revision_id: String,
+}
+
+impl PolicyRecord {
+    /// The policy document as `GetPolicy` returns it (a JSON string).
+    pub fn document(&self) -> String {
+        serde_json::json!({
+            "Version": "2012-10-17",
+            "Id": "default",
+            "Statement": self.statements,
+        })
+        .to_string()
+    }
+}
+
+/// A provisioned concurrency configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionedRecord {
+    /// The qualifier it applies to (a version or an alias).
+    pub qualifier: String,
+    /// Environments asked for.
+    pub requested: u32,
+    /// When it was set, Lambda's format.
+    pub last_modified: String,
+}
+
+/// A function's (or qualifier's) asynchronous invocation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct EventInvokeRecord {
+    /// The qualifier (`$LATEST`, a version or an alias).
+    pub qualifier: String,
+    /// Retries after a function error (0-2; default 2).
+    pub maximum_retry_attempts: Option<u32>,
+    /// Oldest an event may get before it is dropped, in seconds.
+    pub maximum_event_age_in_seconds: Option<u32>,
+    /// Where records of successes go.
+    pub on_success: Option<String>,
+    /// Where records of failures go.
+    pub on_failure: Option<String>,
+    /// Seconds since the epoch.
+    pub last_modified: f64,
 }
 
 /// Lambda's `LastModified` format: `2024-05-01T12:00:00.123+0000`.

@@ -83,3 +83,123 @@ pub struct UpdateFunctionConfigurationRequest {
     pub layers: Option<Vec<String>>,
     pub ephemeral_storage: Option<EphemeralStorageInput>,
 }
+
+/// `PublishVersionRequest`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PublishVersionRequest {
+    pub code_sha256: Option<String>,
+    pub description: Option<String>,
+    pub revision_id: Option<String>,
+}
+
+/// `AliasRoutingConfiguration` in a request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RoutingConfigInput {
+    #[serde(default)]
+    pub additional_version_weights: BTreeMap<String, f64>,
+}
+
+/// `CreateAliasRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateAliasRequest {
+    pub name: String,
+    pub function_version: String,
+    pub description: Option<String>,
+    pub routing_config: Option<RoutingConfigInput>,
+}
+
+/// `UpdateAliasRequest`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateAliasRequest {
+    pub function_version: Option<String>,
+    pub description: Option<String>,
+    pub routing_config: Option<RoutingConfigInput>,
+    pub revision_id: Option<String>,
+}
+
+/// `PublishLayerVersionRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PublishLayerVersionRequest {
+    pub description: Option<String>,
+    /// `LayerVersionContentInput`: the same members as `FunctionCode`.
+    pub content: CodeInput,
+    pub compatible_runtimes: Option<Vec<String>>,
+    pub compatible_architectures: Option<Vec<String>>,
+    pub license_info: Option<String>,
+}
+
+/// `AddPermissionRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AddPermissionRequest {
+    pub statement_id: String,
+    pub action: String,
+    pub principal: String,
+    pub source_arn: Option<String>,
+    pub source_account: Option<String>,
+    pub event_source_token: Option<String>,
+    pub revision_id: Option<String>,
+    #[serde(rename = "PrincipalOrgID")]
+    pub principal_org_id: Option<String>,
+    pub function_url_auth_type: Option<String>,
+}
+
+/// `AddLayerVersionPermissionRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AddLayerVersionPermissionRequest {
+    pub statement_id: String,
+    pub action: String,
+    pub principal: String,
+    pub organization_id: Option<String>,
+}
+
+/// `PutFunctionConcurrencyRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PutFunctionConcurrencyRequest {
+    pub reserved_concurrent_executions: i64,
+}
+
+/// `PutProvisionedConcurrencyConfigRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PutProvisionedConcurrencyRequest {
+    pub provisioned_concurrent_executions: i64,
+}
+
+/// `OnSuccess` / `OnFailure`.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(rename_all = "PascalCase")]
+pub struct DestinationInput {
+    pub destination: Option<String>,
+}
+
+/// `DestinationConfig`.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(rename_all = "PascalCase")]
+pub struct DestinationConfigInput {
+    pub on_success: Option<DestinationInput>,
+    pub on_failure: Option<DestinationInput>,
+}
+
+/// `PutFunctionEventInvokeConfigRequest` / `UpdateFunctionEventInvokeConfigRequest`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EventInvokeConfigRequest {
+    pub maximum_retry_attempts: Option<i64>,
+    pub maximum_event_age_in_seconds: Option<i64>,
+    pub destination_config: Option<DestinationConfigInput>,
+}
+
+/// `TagResourceRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TagResourceRequest {
+    pub tags: BTreeMap<String, String>,
+}

@@ -6,9 +6,6 @@ use std::collections::BTreeMap;
 use super::ControlError;
 use super::names::pattern_error;
 
-/// Runtimes this server can run.
-pub const RUNTIMES: &[&str] = &["wasip2"];
-
 /// Environment variable names a function may not set: the platform sets them.
 pub const RESERVED_ENV: &[&str] = &[
     "_HANDLER",
@@ -108,17 +105,6 @@ pub fn role(v: &str) -> Result<(), ControlError> {
     .is_some();
     if !ok || v.len() > 2048 {
         return Err(pattern_error("role", v, PATTERN));
-    }
-    Ok(())
-}
-
-/// Runtime: one this server runs.
-pub fn runtime(v: &str) -> Result<(), ControlError> {
-    if !RUNTIMES.contains(&v) {
-        return Err(ControlError::InvalidParameter(format!(
-            "The runtime parameter of {v} is not supported by kiln: supported runtimes are {}",
-            RUNTIMES.join(", ")
-        )));
     }
     Ok(())
 }
@@ -261,11 +247,9 @@ mod tests {
     }
 
     #[test]
-    fn handlers_and_runtimes() {
+    fn handlers() {
         handler("function.wasm").unwrap();
         assert!(handler("has space").is_err());
         assert!(handler("").is_err());
-        runtime("wasip2").unwrap();
-        assert!(runtime("python3.12").is_err());
     }
 }

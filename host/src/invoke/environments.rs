@@ -10,10 +10,11 @@
 use std::fs;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::sandbox::{ExecutionEnvironment, InvocationReport, InvocationRequest};
 
@@ -83,13 +84,47 @@ impl Drop for EnvironmentDir {
     }
 }
 
+/// Counts the live environments of one provisioned concurrency config and
+/// wakes its maintainer when one goes away.
+#[derive(Debug, Default)]
+pub(super) struct ProvisionedCount {
+    live: AtomicUsize,
+    pub(super) changed: Notify,
+}
+
+impl ProvisionedCount {
+    pub(super) fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+}
+
+/// Held by a provisioned environment: counts it while it lives.
+#[derive(Debug)]
+pub(super) struct ProvisionedLease(Arc<ProvisionedCount>);
+
+impl ProvisionedLease {
+    pub(super) fn new(count: Arc<ProvisionedCount>) -> Self {
+        count.live.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for ProvisionedLease {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_one();
+    }
+}
+
 /// A live environment with what it holds.
 pub struct Environment {
     // Field order is drop order: the sandbox environment goes first, then its
-    // directory, then its capacity permit.
+    // directory, its capacity permit, and last its provisioned lease (so the
+    // maintainer that replaces it finds the capacity free).
     env: Box<dyn ExecutionEnvironment>,
     _dir: EnvironmentDir,
     _permit: OwnedSemaphorePermit,
+    lease: Option<ProvisionedLease>,
 }
 
 impl Environment {
@@ -97,12 +132,19 @@ impl Environment {
         env: Box<dyn ExecutionEnvironment>,
         dir: EnvironmentDir,
         permit: OwnedSemaphorePermit,
+        lease: Option<ProvisionedLease>,
     ) -> Self {
         Self {
             env,
             _dir: dir,
             _permit: permit,
+            lease,
         }
+    }
+
+    /// Whether the environment belongs to a provisioned concurrency config.
+    pub(super) fn is_provisioned(&self) -> bool {
+        self.lease.is_some()
     }
 
     pub(super) async fn invoke(&mut self, request: &InvocationRequest) -> InvocationReport {

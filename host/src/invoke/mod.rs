@@ -1,40 +1,46 @@
 //! The data plane: from `Invoke` to a result.
 //!
 //! Steps of one synchronous invocation, in order:
-//! 1. resolve the function (an in-memory table the control plane keeps
-//!    current; the metadata store is never on this path);
-//! 2. take a warm environment of that function version, or create one (a
-//!    cold start: create + init) within the environment capacity;
+//! 1. resolve the function and qualifier to a version (an alias with
+//!    weights picks one per call) in an in-memory table the control plane
+//!    keeps current; the metadata store is never on this path;
+//! 2. take a warm environment of that version — provisioned ones first —
+//!    or create one (a cold start: create + init) within the capacity;
 //! 3. run the invocation in it, one at a time;
 //! 4. put the environment back if it is still reusable, else drop it;
 //! 5. answer with the payload or Lambda's error shape, and START / END /
 //!    REPORT lines around the function's own log.
 
 mod environments;
+mod logs;
+mod provisioned;
+mod registry;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
 use bytes::Bytes;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::Semaphore;
 
 pub use environments::EnvironmentsDir;
-use environments::{Environment, IdleEnvironments};
+pub use provisioned::ProvisionedStatus;
+pub use registry::{AliasRoute, FunctionSlot};
 
-use crate::control::model::{ArnContext, FunctionRecord, LATEST};
+use environments::{Environment, ProvisionedLease};
+use logs::LogBuilder;
+use registry::FunctionEntry;
+
+use crate::control::model::{ArnContext, FunctionRecord};
 use crate::sandbox::{
-    CodeSpec, EnvironmentSpec, InvocationRequest, Outcome, PreparedCode, Sandbox, SandboxError,
+    EnvironmentSpec, InitReport, InvocationRequest, Outcome, PreparedCode, Sandbox, SandboxError,
 };
 
 /// Largest synchronous request and response payload: 6 MB.
 pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
 /// Lambda's limit on an init phase.
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Lambda tails the last 4 KB of the log.
-const LOG_TAIL: usize = 4096;
 
 /// Settings of the data plane.
 #[derive(Debug, Clone)]
@@ -72,7 +78,7 @@ pub enum InvokeError {
 pub struct InvokeInput {
     /// Function name.
     pub name: String,
-    /// `$LATEST` or none.
+    /// `$LATEST`, a version, an alias, or none.
     pub qualifier: Option<String>,
     /// The event.
     pub payload: Bytes,
@@ -97,24 +103,18 @@ pub struct InvokeOutput {
     pub log_result: Option<String>,
 }
 
-/// One function version's runtime state: configuration snapshot, prepared
-/// code and warm environments. Replaced as a whole when the function
-/// changes; the old one is retired and its environments dropped.
-pub struct FunctionSlot {
-    record: Arc<FunctionRecord>,
-    task_dir: std::path::PathBuf,
-    code: OnceCell<PreparedCode>,
-    idle: IdleEnvironments,
-    retired: AtomicBool,
+/// How an environment came to be, as `AWS_LAMBDA_INITIALIZATION_TYPE` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InitType {
+    OnDemand,
+    Provisioned,
 }
 
-impl FunctionSlot {
-    fn code_spec(&self) -> CodeSpec {
-        CodeSpec {
-            key: self.record.code_key(),
-            runtime: self.record.runtime.clone(),
-            task_dir: self.task_dir.clone(),
-            handler: self.record.handler.clone(),
+impl InitType {
+    fn as_str(self) -> &'static str {
+        match self {
+            InitType::OnDemand => "on-demand",
+            InitType::Provisioned => "provisioned-concurrency",
         }
     }
 }
@@ -122,11 +122,13 @@ impl FunctionSlot {
 /// The data plane of one host.
 pub struct DataPlane {
     sandbox: Arc<dyn Sandbox>,
-    functions: RwLock<HashMap<String, Arc<FunctionSlot>>>,
+    functions: RwLock<HashMap<String, FunctionEntry>>,
     capacity: Arc<Semaphore>,
     envs: EnvironmentsDir,
     arn: ArnContext,
     config: DataPlaneConfig,
+    provisioned: Mutex<HashMap<(String, String), provisioned::Maintainer>>,
+    me: Weak<DataPlane>,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -147,13 +149,15 @@ impl DataPlane {
         arn: ArnContext,
         config: DataPlaneConfig,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             sandbox,
             functions: RwLock::new(HashMap::new()),
             capacity: Arc::new(Semaphore::new(config.max_environments)),
             envs,
             arn,
             config,
+            provisioned: Mutex::new(HashMap::new()),
+            me: me.clone(),
         })
     }
 
@@ -176,20 +180,33 @@ impl DataPlane {
     fn reap_idle(&self) {
         let idle_timeout = self.config.idle_timeout;
         for slot in self.slots() {
+            // Provisioned environments stay: keeping them warm is their job.
             let reaped = slot.idle.remove_idle_longer_than(idle_timeout);
             if reaped > 0 {
-                tracing::debug!(function = %slot.record.name, reaped, "reaped idle environments");
+                tracing::debug!(function = %slot.record.name, version = %slot.version(), reaped, "reaped idle environments");
             }
         }
     }
 
+    fn read_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, FunctionEntry>> {
+        self.functions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_functions(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, FunctionEntry>> {
+        self.functions.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn slots(&self) -> Vec<Arc<FunctionSlot>> {
-        self.functions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        self.read_functions()
             .values()
-            .cloned()
+            .flat_map(|e| e.versions.values().cloned())
             .collect()
+    }
+
+    pub(crate) fn slot(&self, name: &str, version: &str) -> Option<Arc<FunctionSlot>> {
+        self.read_functions()
+            .get(name)
+            .and_then(|e| e.versions.get(version).cloned())
     }
 
     /// Validates and prepares a record's code, as a deploy does before it
@@ -197,62 +214,80 @@ impl DataPlane {
     pub async fn prepare(
         &self,
         record: &FunctionRecord,
-        task_dir: std::path::PathBuf,
+        task_dir: PathBuf,
     ) -> Result<PreparedCode, SandboxError> {
-        self.sandbox
-            .prepare(&CodeSpec {
-                key: record.code_key(),
-                runtime: record.runtime.clone(),
-                task_dir,
-                handler: record.handler.clone(),
-            })
-            .await
+        let slot = FunctionSlot::new(record.clone(), task_dir, None, None);
+        self.sandbox.prepare(&slot.code_spec()).await
     }
 
-    /// Makes `record` the function's current configuration. `code`, when
-    /// given, is its already prepared code; otherwise it is prepared on the
-    /// first invocation (or reused from the current slot when unchanged).
+    /// Makes `record` the state of its version (`$LATEST` or a number).
+    /// `code`, when given, is its prepared code; otherwise it is reused from
+    /// the slot it replaces when unchanged, or prepared at first use.
     pub fn install(
         &self,
         record: FunctionRecord,
-        task_dir: std::path::PathBuf,
+        task_dir: PathBuf,
+        opt_dir: Option<PathBuf>,
         code: Option<PreparedCode>,
     ) {
-        let mut functions = self.functions.write().unwrap_or_else(|p| p.into_inner());
-        let previous = functions.get(&record.name).cloned();
+        let mut functions = self.write_functions();
+        let entry = functions.entry(record.name.clone()).or_default();
+        let previous = entry.versions.get(&record.version).cloned();
         let code = code.or_else(|| {
             previous
                 .as_ref()
                 .filter(|p| p.record.code_key() == record.code_key())
                 .and_then(|p| p.code.get().cloned())
         });
-        let slot = Arc::new(FunctionSlot {
-            record: Arc::new(record),
-            task_dir,
-            code: OnceCell::new_with(code),
-            idle: IdleEnvironments::default(),
-            retired: AtomicBool::new(false),
-        });
-        functions.insert(slot.record.name.clone(), slot);
+        let slot = Arc::new(FunctionSlot::new(record, task_dir, opt_dir, code));
+        entry
+            .versions
+            .insert(slot.record.version.clone(), slot.clone());
         drop(functions);
         if let Some(previous) = previous {
-            retire(&previous);
+            previous.retire();
         }
+        // Provisioned environments of the version start over on the new slot.
+        self.wake_provisioned(&slot.record.name);
     }
 
-    /// Forgets a function and tears down its environments.
-    pub fn remove(&self, name: &str) {
+    /// Forgets one published version.
+    pub fn remove_version(&self, name: &str, version: &str) {
         let removed = self
-            .functions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+            .write_functions()
+            .get_mut(name)
+            .and_then(|e| e.versions.remove(version));
         if let Some(slot) = removed {
-            retire(&slot);
+            slot.retire();
         }
     }
 
-    /// Whether the function is known (for `DryRun`).
+    /// Sets (or, with `None`, removes) an alias's route.
+    pub fn set_alias(&self, name: &str, alias: &str, route: Option<AliasRoute>) {
+        let mut functions = self.write_functions();
+        let Some(entry) = functions.get_mut(name) else {
+            return;
+        };
+        match route {
+            Some(r) => entry.aliases.insert(alias.to_owned(), r),
+            None => entry.aliases.remove(alias),
+        };
+    }
+
+    /// Forgets a function: its versions, aliases and provisioned
+    /// environments.
+    pub fn remove(&self, name: &str) {
+        let removed = self.write_functions().remove(name);
+        self.provisioned_lock()
+            .retain(|(function, _), _| function != name);
+        if let Some(entry) = removed {
+            for slot in entry.versions.values() {
+                slot.retire();
+            }
+        }
+    }
+
+    /// Checks that a function and qualifier exist (for `DryRun`).
     pub fn exists(&self, name: &str, qualifier: Option<&str>) -> Result<(), InvokeError> {
         self.resolve(name, qualifier).map(|_| ())
     }
@@ -262,19 +297,21 @@ impl DataPlane {
         name: &str,
         qualifier: Option<&str>,
     ) -> Result<Arc<FunctionSlot>, InvokeError> {
-        let not_found = || match qualifier {
-            Some(q) => InvokeError::NotFound(self.arn.qualified_arn(name, q)),
-            None => InvokeError::NotFound(self.arn.function_arn(name)),
-        };
-        if qualifier.is_some_and(|q| q != LATEST) {
-            return Err(not_found());
-        }
-        self.functions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let functions = self.read_functions();
+        functions
             .get(name)
-            .cloned()
-            .ok_or_else(not_found)
+            .and_then(|e| e.resolve(qualifier, fastrand::f64()))
+            .ok_or_else(|| {
+                InvokeError::NotFound(match qualifier {
+                    Some(q) => self.arn.qualified_arn(name, q),
+                    None => self.arn.function_arn(name),
+                })
+            })
+    }
+
+    /// The version a qualifier currently names, if any.
+    pub fn version_of(&self, name: &str, qualifier: &str) -> Option<String> {
+        self.read_functions().get(name)?.version_of(qualifier)
     }
 
     /// Runs one synchronous invocation.
@@ -288,24 +325,38 @@ impl DataPlane {
         };
 
         let mut log = LogBuilder::new(input.log_tail);
-        log.line(&format!("START RequestId: {request_id} Version: {LATEST}"));
+        log.line(&format!(
+            "START RequestId: {request_id} Version: {}",
+            record.version
+        ));
 
-        let (mut env, init_duration) = match slot.idle.pop() {
+        let warm = slot.provisioned.pop().or_else(|| slot.idle.pop());
+        let (mut env, init_duration) = match warm {
             Some(env) => (env, None),
-            None => match self.cold_start(&slot, &mut log).await? {
-                ColdStart::Ready(env, init) => (env, Some(init)),
-                ColdStart::InitFailed(error) => {
-                    log.finish(&request_id, &record, Duration::ZERO, 0, None);
-                    return Ok(failure_output(request_id, error, log));
+            None => {
+                let (env, init) = self
+                    .create_environment(&slot, InitType::OnDemand, None)
+                    .await?;
+                log.raw(&init.logs);
+                match (env, init.error) {
+                    (Some(env), None) => (env, Some(init.duration)),
+                    (_, error) => {
+                        log.finish(&request_id, &record, Duration::ZERO, 0, None);
+                        let error = error.unwrap_or(Outcome::Failed {
+                            error_type: "Runtime.Unknown".to_owned(),
+                            message: "the environment failed to start".to_owned(),
+                        });
+                        return Ok(failure_output(request_id, &record, error, log));
+                    }
                 }
-            },
+            }
         };
 
         let request = InvocationRequest {
             payload: input.payload,
             request_id: request_id.clone(),
             function_name: record.name.clone(),
-            function_version: LATEST.to_owned(),
+            function_version: record.version.clone(),
             invoked_function_arn: invoked_arn,
             trace_id: input.trace_id.unwrap_or_else(new_trace_id),
             timeout: Duration::from_secs(u64::from(record.timeout)),
@@ -320,13 +371,17 @@ impl DataPlane {
             init_duration,
         );
 
-        let reusable = env.is_reusable() && !slot.retired.load(Ordering::Acquire);
-        if reusable {
-            slot.idle.push(env);
+        if env.is_reusable() && !slot.is_retired() {
+            if env.is_provisioned() {
+                slot.provisioned.push(env);
+            } else {
+                slot.idle.push(env);
+            }
         }
         let output = match report.outcome {
             Outcome::Response(payload) if payload.len() > MAX_SYNC_PAYLOAD => failure_output(
                 request_id,
+                &record,
                 Outcome::FunctionError {
                     error_type: "Function.ResponseSizeTooLarge".to_owned(),
                     message: format!(
@@ -337,21 +392,24 @@ impl DataPlane {
             ),
             Outcome::Response(payload) => InvokeOutput {
                 request_id,
-                executed_version: LATEST.to_owned(),
+                executed_version: record.version.clone(),
                 function_error: None,
                 payload,
                 log_result: log.tail(),
             },
-            other => failure_output(request_id, other, log),
+            other => failure_output(request_id, &record, other, log),
         };
         Ok(output)
     }
 
-    async fn cold_start(
+    /// Creates and initializes an environment for `slot`. Returns the
+    /// environment when init succeeded, and the init report either way.
+    async fn create_environment(
         &self,
         slot: &Arc<FunctionSlot>,
-        log: &mut LogBuilder,
-    ) -> Result<ColdStart, InvokeError> {
+        init_type: InitType,
+        lease: Option<ProvisionedLease>,
+    ) -> Result<(Option<Environment>, InitReport), InvokeError> {
         let code = slot
             .code
             .get_or_try_init(|| async { self.sandbox.prepare(&slot.code_spec()).await })
@@ -368,9 +426,9 @@ impl DataPlane {
         let record = &slot.record;
         let spec = EnvironmentSpec {
             memory_mb: record.memory_size,
-            env: lambda_environment(record, &self.arn, dir.id()),
+            env: lambda_environment(record, &self.arn, dir.id(), init_type),
             task_dir: slot.task_dir.clone(),
-            opt_dir: None,
+            opt_dir: slot.opt_dir.clone(),
             tmp_dir: dir.tmp(),
             log_capacity: self.config.log_capacity,
         };
@@ -385,18 +443,15 @@ impl DataPlane {
                 other => InvokeError::Internal(other.to_string()),
             })?;
         let init = env.init(INIT_TIMEOUT).await;
-        log.raw(&init.logs);
-        if let Some(error) = init.error {
-            return Ok(ColdStart::InitFailed(error));
+        if init.error.is_some() {
+            return Ok((None, init));
         }
-        Ok(ColdStart::Ready(
-            Environment::new(env, dir, permit),
-            init.duration,
-        ))
+        Ok((Some(Environment::new(env, dir, permit, lease)), init))
     }
 
     /// A slot for one more environment: free capacity, else the capacity of
-    /// the longest-idle environment of any function, else throttled.
+    /// the longest-idle on-demand environment of any function, else
+    /// throttled.
     fn acquire_capacity(&self) -> Result<tokio::sync::OwnedSemaphorePermit, InvokeError> {
         loop {
             if let Ok(permit) = self.capacity.clone().try_acquire_owned() {
@@ -410,9 +465,7 @@ impl DataPlane {
             match oldest {
                 Some((_, slot)) => {
                     // Dropping the environment returns its permit.
-                    if slot.idle.pop_oldest().is_none() {
-                        continue;
-                    }
+                    drop(slot.idle.pop_oldest());
                 }
                 None => {
                     return Err(InvokeError::Throttled {
@@ -425,21 +478,19 @@ impl DataPlane {
 
     /// Environments currently idle, over all functions.
     pub fn idle_environments(&self) -> usize {
-        self.slots().iter().map(|s| s.idle.len()).sum()
+        self.slots()
+            .iter()
+            .map(|s| s.idle.len() + s.provisioned.len())
+            .sum()
     }
 }
 
-enum ColdStart {
-    Ready(Environment, Duration),
-    InitFailed(Outcome),
-}
-
-fn retire(slot: &FunctionSlot) {
-    slot.retired.store(true, Ordering::Release);
-    slot.idle.clear();
-}
-
-fn failure_output(request_id: String, outcome: Outcome, log: LogBuilder) -> InvokeOutput {
+fn failure_output(
+    request_id: String,
+    record: &FunctionRecord,
+    outcome: Outcome,
+    log: LogBuilder,
+) -> InvokeOutput {
     let (error_type, message) = match outcome {
         Outcome::FunctionError {
             error_type,
@@ -458,7 +509,7 @@ fn failure_output(request_id: String, outcome: Outcome, log: LogBuilder) -> Invo
     .unwrap_or_default();
     InvokeOutput {
         request_id,
-        executed_version: LATEST.to_owned(),
+        executed_version: record.version.clone(),
         function_error: Some("Unhandled"),
         payload,
         log_result: log.tail(),
@@ -470,17 +521,22 @@ fn lambda_environment(
     record: &FunctionRecord,
     arn: &ArnContext,
     env_id: &str,
+    init_type: InitType,
 ) -> Vec<(String, String)> {
     let date = time::OffsetDateTime::now_utc().date();
     let stream = format!(
-        "{:04}/{:02}/{:02}/[{LATEST}]{env_id}",
+        "{:04}/{:02}/{:02}/[{}]{env_id}",
         date.year(),
         u8::from(date.month()),
-        date.day()
+        date.day(),
+        record.version,
     );
     let mut env = vec![
         ("AWS_LAMBDA_FUNCTION_NAME".to_owned(), record.name.clone()),
-        ("AWS_LAMBDA_FUNCTION_VERSION".to_owned(), LATEST.to_owned()),
+        (
+            "AWS_LAMBDA_FUNCTION_VERSION".to_owned(),
+            record.version.clone(),
+        ),
         (
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE".to_owned(),
             record.memory_size.to_string(),
@@ -492,7 +548,7 @@ fn lambda_environment(
         ("AWS_LAMBDA_LOG_STREAM_NAME".to_owned(), stream),
         (
             "AWS_LAMBDA_INITIALIZATION_TYPE".to_owned(),
-            "on-demand".to_owned(),
+            init_type.as_str().to_owned(),
         ),
         ("AWS_REGION".to_owned(), arn.region.clone()),
         ("AWS_DEFAULT_REGION".to_owned(), arn.region.clone()),
@@ -521,72 +577,4 @@ pub fn new_trace_id() -> String {
         .map_or(0, |d| d.as_secs());
     let random = uuid::Uuid::new_v4().simple().to_string();
     format!("Root=1-{secs:08x}-{};Sampled=0", &random[..24])
-}
-
-/// The invocation's log: START, the function's output, END, REPORT.
-struct LogBuilder {
-    text: Vec<u8>,
-    keep: bool,
-}
-
-impl LogBuilder {
-    fn new(keep: bool) -> Self {
-        Self {
-            text: Vec::new(),
-            keep,
-        }
-    }
-
-    fn line(&mut self, line: &str) {
-        self.text.extend_from_slice(line.as_bytes());
-        self.text.push(b'\n');
-    }
-
-    fn raw(&mut self, bytes: &[u8]) {
-        self.text.extend_from_slice(bytes);
-        if !bytes.is_empty() && !bytes.ends_with(b"\n") {
-            self.text.push(b'\n');
-        }
-    }
-
-    fn finish(
-        &mut self,
-        request_id: &str,
-        record: &FunctionRecord,
-        duration: Duration,
-        max_memory_bytes: u64,
-        init: Option<Duration>,
-    ) {
-        let ms = duration.as_secs_f64() * 1000.0;
-        let billed = ms.ceil().max(1.0) as u64;
-        let max_used_mb = max_memory_bytes.div_ceil(1 << 20);
-        let mut report = format!(
-            "REPORT RequestId: {request_id}\tDuration: {ms:.2} ms\tBilled Duration: {billed} ms\t\
-             Memory Size: {} MB\tMax Memory Used: {max_used_mb} MB",
-            record.memory_size
-        );
-        if let Some(init) = init {
-            report.push_str(&format!(
-                "\tInit Duration: {:.2} ms",
-                init.as_secs_f64() * 1000.0
-            ));
-        }
-        self.line(&format!("END RequestId: {request_id}"));
-        self.line(&report);
-        if tracing::enabled!(target: "kiln::function", tracing::Level::DEBUG) {
-            tracing::debug!(
-                target: "kiln::function",
-                function = %record.name,
-                "{}",
-                String::from_utf8_lossy(&self.text)
-            );
-        }
-    }
-
-    fn tail(&self) -> Option<String> {
-        self.keep.then(|| {
-            let start = self.text.len().saturating_sub(LOG_TAIL);
-            base64::engine::general_purpose::STANDARD.encode(&self.text[start..])
-        })
-    }
 }

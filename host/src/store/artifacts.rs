@@ -216,6 +216,74 @@ impl ArtifactStore {
         }
     }
 
+    /// The directory that merges layers in order (later ones win where
+    /// paths collide), built once per list of archives; `None` for none.
+    /// Files are hard links to the layers' own (read-only) files.
+    pub fn merged_layers(&self, layers: &[String]) -> io::Result<Option<PathBuf>> {
+        if layers.is_empty() {
+            return Ok(None);
+        }
+        let dir = self
+            .root
+            .join(format!("{MERGED_PREFIX}{}", merged_key(layers)));
+        if dir.is_dir() {
+            return Ok(Some(dir));
+        }
+        let tmp = self.root.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+        fs::create_dir(&tmp)?;
+        let built = layers
+            .iter()
+            .try_for_each(|sha| overlay(&self.dir(sha), &tmp));
+        if let Err(e) = built {
+            let _ = remove_tree(&tmp);
+            return Err(e);
+        }
+        match fs::rename(&tmp, &dir) {
+            Ok(()) => {}
+            Err(_) if dir.is_dir() => remove_tree(&tmp)?,
+            Err(e) => return Err(e),
+        }
+        Ok(Some(dir))
+    }
+
+    /// Removes every archive and merged directory not named in `keep`
+    /// (hex SHA-256s of archives, and archive lists of merged layers).
+    /// Callers serialize it with every write to the store.
+    pub fn sweep(
+        &self,
+        keep_archives: &HashSet<String>,
+        keep_merged: &[Vec<String>],
+    ) -> io::Result<usize> {
+        let merged: HashSet<String> = keep_merged
+            .iter()
+            .map(|l| format!("{MERGED_PREFIX}{}", merged_key(l)))
+            .collect();
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let keep = if let Some(sha) = name.strip_suffix(".zip") {
+                keep_archives.contains(sha)
+            } else if name.starts_with(MERGED_PREFIX) {
+                merged.contains(&name)
+            } else if name.starts_with(".tmp-") {
+                true
+            } else {
+                keep_archives.contains(&name)
+            };
+            if !keep {
+                let path = entry.path();
+                if path.is_dir() {
+                    remove_tree(&path)?;
+                } else {
+                    fs::remove_file(&path)?;
+                }
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Deletes an archive and its files.
     pub fn remove(&self, sha256_hex: &str) -> io::Result<()> {
         match fs::remove_file(self.zip_path(sha256_hex)) {
@@ -225,6 +293,38 @@ impl ArtifactStore {
         }
         remove_tree(&self.dir(sha256_hex))
     }
+}
+
+const MERGED_PREFIX: &str = "opt-";
+
+fn merged_key(layers: &[String]) -> String {
+    hex(digest::digest(&digest::SHA256, layers.join(",").as_bytes()).as_ref())
+}
+
+/// Puts the tree at `src` over `dest`: directories merged, files replaced.
+fn overlay(src: &Path, dest: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(src)? {
+        let entry = entry?;
+        let target = dest.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            if target.exists() && !target.is_dir() {
+                fs::remove_file(&target)?;
+            }
+            fs::create_dir_all(&target)?;
+            overlay(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            if target.is_dir() {
+                remove_tree(&target)?;
+            } else if target.exists() {
+                fs::remove_file(&target)?;
+            }
+            if fs::hard_link(entry.path(), &target).is_err() {
+                fs::copy(entry.path(), &target)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A path inside an archive, as a relative path without `.`/`..` tricks.
@@ -501,6 +601,37 @@ pub(crate) mod tests {
             store.put(&[0u8; 101]),
             Err(ArtifactError::ZippedTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn layers_merge_in_order_and_unused_archives_are_swept() {
+        let (_d, store) = store(ArchiveLimits::default());
+        let a = store
+            .put(&zip_of(&[
+                ("lib/a.txt", 0o644, b"a"),
+                ("shared.txt", 0o644, b"from a"),
+            ]))
+            .unwrap();
+        let b = store
+            .put(&zip_of(&[
+                ("lib/b.txt", 0o644, b"b"),
+                ("shared.txt", 0o644, b"from b"),
+            ]))
+            .unwrap();
+        let order = vec![a.sha256_hex.clone(), b.sha256_hex.clone()];
+        let merged = store.merged_layers(&order).unwrap().unwrap();
+        assert_eq!(fs::read(merged.join("lib/a.txt")).unwrap(), b"a");
+        assert_eq!(fs::read(merged.join("lib/b.txt")).unwrap(), b"b");
+        assert_eq!(fs::read(merged.join("shared.txt")).unwrap(), b"from b");
+        assert_eq!(store.merged_layers(&order).unwrap().unwrap(), merged);
+        assert_eq!(store.merged_layers(&[]).unwrap(), None);
+
+        let keep: HashSet<String> = [a.sha256_hex.clone()].into();
+        let removed = store.sweep(&keep, &[]).unwrap();
+        assert_eq!(removed, 3, "b's zip, b's files, the merged dir");
+        assert!(store.dir(&a.sha256_hex).is_dir());
+        assert!(!store.dir(&b.sha256_hex).exists());
+        assert!(!merged.exists());
     }
 
     #[test]
