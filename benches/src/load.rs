@@ -39,17 +39,34 @@ impl Http {
         path: &str,
         body: Bytes,
     ) -> Result<(u16, Bytes)> {
-        let request = hyper::Request::builder()
+        self.send_with(sender, method, path, &[], body)
+            .await
+            .map(|(status, _, body)| (status, body))
+    }
+
+    async fn send_with(
+        &self,
+        sender: &mut SendRequest<Full<Bytes>>,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(u16, hyper::HeaderMap, Bytes)> {
+        let mut builder = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header("host", self.addr.to_string())
-            .header("content-type", "application/json")
-            .body(Full::new(body))?;
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder.body(Full::new(body))?;
         sender.ready().await?;
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
+        let headers = response.headers().clone();
         let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+        Ok((status, headers, body))
     }
 
     /// One request on a fresh connection.
@@ -105,5 +122,56 @@ impl Http {
             }
         }
         Ok((samples, start.elapsed()))
+    }
+}
+
+/// One request of a closed-loop run: when it was answered and what.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub latency: Duration,
+    pub answered_at: std::time::SystemTime,
+}
+
+impl Http {
+    /// `concurrency` connections, each sending its share of `total`
+    /// requests back to back; every answer must have `expect` status.
+    pub async fn closed_loop(
+        self: &std::sync::Arc<Self>,
+        path: &str,
+        headers: &'static [(&'static str, &'static str)],
+        body: Bytes,
+        concurrency: usize,
+        total: usize,
+        expect: u16,
+    ) -> Result<(Vec<Answer>, Duration)> {
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for worker in 0..concurrency {
+            let n = total / concurrency + usize::from(worker < total % concurrency);
+            let (http, path, body) = (self.clone(), path.to_owned(), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut sender = http.connect().await?;
+                let mut answers = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let t = Instant::now();
+                    let (status, _, response) = http
+                        .send_with(&mut sender, "POST", &path, headers, body.clone())
+                        .await?;
+                    if status != expect {
+                        bail!("{path}: {status} {}", String::from_utf8_lossy(&response));
+                    }
+                    answers.push(Answer {
+                        latency: t.elapsed(),
+                        answered_at: std::time::SystemTime::now(),
+                    });
+                }
+                anyhow::Ok(answers)
+            }));
+        }
+        let mut answers = Vec::with_capacity(total);
+        for t in tasks {
+            answers.extend(t.await??);
+        }
+        Ok((answers, start.elapsed()))
     }
 }

@@ -110,6 +110,7 @@ fn main() -> Result<()> {
                     payload: bytes::Bytes::from_static(event),
                     log_tail: false,
                     trace_id: None,
+                    request_id: None,
                 };
                 for _ in 0..200 {
                     data_plane.invoke(input.clone()).await?;
@@ -174,6 +175,94 @@ fn main() -> Result<()> {
             concurrency: 1,
             samples: first.len(),
             latency_us: Summary::of(&first),
+            throughput_rps: None,
+        });
+        // Asynchronous invocation: acknowledged events per second with 64
+        // clients (each ack means the event is fsync'd), then the time from
+        // an acknowledgement to the start of the invocation, one at a time.
+        let queue_put = json!({ "DestinationConfig": { "OnSuccess": { "Destination": "arn:aws:sqs:us-east-1:000000000000:kiln-dlq" } } });
+        let (status, body) = http
+            .request(
+                "PUT",
+                "/2019-09-25/functions/hello/event-invoke-config",
+                serde_json::to_vec(&queue_put)?,
+            )
+            .await?;
+        if status != 200 {
+            bail!("PutFunctionEventInvokeConfig: {status} {}", String::from_utf8_lossy(&body));
+        }
+        let http = std::sync::Arc::new(Http::new(addr));
+        let n = 20_000 / scale;
+        let (acks, elapsed) = http
+            .closed_loop(
+                "/2015-03-31/functions/hello/invocations",
+                &[("x-amz-invocation-type", "Event")],
+                bytes::Bytes::from_static(event),
+                64,
+                n,
+                202,
+            )
+            .await?;
+        let latencies: Vec<_> = acks.iter().map(|a| a.latency).collect();
+        scenarios.push(Scenario {
+            name: "async-enqueue",
+            description: "Event invocations acknowledged (202 after the event is fsync'd; batched commits), 64 closed-loop clients",
+            workload: "examples/hello",
+            payload_bytes: event.len(),
+            concurrency: 64,
+            samples: acks.len(),
+            latency_us: Summary::of(&latencies),
+            throughput_rps: Some(acks.len() as f64 / elapsed.as_secs_f64()),
+        });
+        let queue = state.data.queue().clone();
+        // Let the backlog drain before measuring an idle queue's latency.
+        let drained = Instant::now();
+        while queue.depth()? > 0 && drained.elapsed() < std::time::Duration::from_secs(300) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let before = queue.records("hello", 0, usize::MAX >> 1)?.last().map_or(0, |r| r.id);
+        let n = (200 / scale).max(5);
+        let mut starts = Vec::with_capacity(n);
+        let mut cursor = before;
+        for _ in 0..n {
+            let (acks, _) = http
+                .closed_loop(
+                    "/2015-03-31/functions/hello/invocations",
+                    &[("x-amz-invocation-type", "Event")],
+                    bytes::Bytes::from_static(event),
+                    1,
+                    1,
+                    202,
+                )
+                .await?;
+            // From the moment the request was sent: the time a caller waits
+            // for its event to start running.
+            let sent_ms = (acks[0].answered_at - acks[0].latency)
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs_f64()
+                * 1000.0;
+            let waited = Instant::now();
+            let record = loop {
+                if let Some(r) = queue.records("hello", cursor, 1)?.pop() {
+                    break r;
+                }
+                if waited.elapsed() > std::time::Duration::from_secs(30) {
+                    bail!("an event did not run within 30 s");
+                }
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            };
+            cursor = record.id;
+            let started_ms = record.record["kilnAttemptTimes"][0].as_f64().unwrap_or(sent_ms);
+            starts.push(std::time::Duration::from_secs_f64(((started_ms - sent_ms).max(0.0)) / 1000.0));
+        }
+        scenarios.push(Scenario {
+            name: "async-enqueue-to-start",
+            description: "from sending an Event invocation to the start of its invocation (enqueue with fsync, dispatch), queue otherwise idle; start times have 1 ms resolution",
+            workload: "examples/hello",
+            payload_bytes: event.len(),
+            concurrency: 1,
+            samples: starts.len(),
+            latency_us: Summary::of(&starts),
             throughput_rps: None,
         });
         scenarios.push(Scenario {

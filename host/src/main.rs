@@ -46,6 +46,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if !(args.async_time_scale > 0.0 && args.async_time_scale <= 1.0) {
+        anyhow::bail!(
+            "--async-time-scale must be in (0, 1], not {}",
+            args.async_time_scale
+        );
+    }
     let root_key = std::env::var("KILN_ROOT_ACCESS_KEY_ID").ok();
     if root_key.is_some() && std::env::var("KILN_ROOT_SECRET_ACCESS_KEY").is_err() {
         anyhow::bail!("KILN_ROOT_ACCESS_KEY_ID is set but KILN_ROOT_SECRET_ACCESS_KEY is not");
@@ -57,6 +63,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         account_id: args.account_id.clone(),
         max_environments: args.max_environments,
         account_concurrency: args.account_concurrency,
+        env_lease: std::time::Duration::from_secs(args.env_lease.max(1)),
+        async_config: kiln::invoke::AsyncConfig {
+            time_scale: args.async_time_scale,
+            ..kiln::invoke::AsyncConfig::default()
+        },
         idle_timeout: cli::idle_timeout(&args),
         root_access_key_id: root_key,
         ..ServerConfig::new()

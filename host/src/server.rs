@@ -22,10 +22,11 @@ use kiln_wasm::{Runtime, RuntimeConfig};
 use crate::api::{self, AppState};
 use crate::control::model::ArnContext;
 use crate::control::{ControlConfig, ControlPlane};
-use crate::invoke::{DataPlane, DataPlaneConfig, EnvironmentsDir};
+use crate::invoke::{AsyncConfig, DataPlane, DataPlaneConfig, EnvironmentsDir};
 use crate::sandbox::wasm::WasmSandbox;
 use crate::store::artifacts::{ArchiveLimits, ArtifactStore};
 use crate::store::meta::MetaStore;
+use crate::store::queue::{QueueError, QueueStore};
 
 /// Everything `kiln serve` can be told.
 #[derive(Debug, Clone)]
@@ -42,6 +43,10 @@ pub struct ServerConfig {
     pub max_environments: u32,
     /// The account's concurrency limit (Lambda's default: 1000).
     pub account_concurrency: u32,
+    /// An environment's maximum lifetime (Lambda's: about 14 hours).
+    pub env_lease: Duration,
+    /// Timing of asynchronous invocation.
+    pub async_config: AsyncConfig,
     /// Idle environments are torn down after this long.
     pub idle_timeout: Duration,
     /// Most log bytes per invocation.
@@ -61,6 +66,8 @@ impl ServerConfig {
             account_id: "000000000000".to_owned(),
             max_environments: 1000,
             account_concurrency: 1000,
+            env_lease: Duration::from_secs(14 * 3600),
+            async_config: AsyncConfig::default(),
             idle_timeout: Duration::from_secs(600),
             log_capacity: 1 << 20,
             root_access_key_id: None,
@@ -94,6 +101,9 @@ pub enum StartError {
     /// The metadata store could not be opened.
     #[error(transparent)]
     Meta(#[from] crate::store::meta::MetaError),
+    /// The event queue could not be opened.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
     /// The Wasm engine could not be set up.
     #[error("Wasm engine: {0}")]
     Wasm(#[from] kiln_wasm::CompileError),
@@ -164,14 +174,18 @@ impl Server {
             region: config.region.clone(),
             account_id: config.account_id.clone(),
         };
+        let queue = Arc::new(QueueStore::open(&dir.join("kiln.db"))?);
         let data = DataPlane::new(
             Arc::new(WasmSandbox::new(runtime)),
             envs,
+            queue,
             arn.clone(),
             DataPlaneConfig {
                 max_environments: config.max_environments as usize,
                 idle_timeout: config.idle_timeout,
                 log_capacity: config.log_capacity,
+                env_lease: config.env_lease,
+                account_concurrency: config.account_concurrency,
             },
         );
         data.start_reaper();
@@ -185,6 +199,8 @@ impl Server {
             },
         ));
         let functions = control.load_all().await?;
+        // Events run only once every function is known again.
+        data.start_event_dispatcher(config.async_config.clone());
 
         match &config.root_access_key_id {
             Some(id) => tracing::info!(access_key_id = %id, "root credentials configured"),

@@ -32,8 +32,9 @@ def kiln_bin() -> str:
 class KilnServer:
     """One `kiln serve` process on 127.0.0.1 with a private data dir."""
 
-    def __init__(self, data_dir: pathlib.Path, extra_args=(), env=None):
+    def __init__(self, data_dir: pathlib.Path, extra_args=(), env=None, listen="127.0.0.1:0"):
         self.data_dir = data_dir
+        self.listen = listen
         self.extra_args = list(extra_args)
         self.env = dict(os.environ, **(env or {}))
         self.proc = None
@@ -42,7 +43,7 @@ class KilnServer:
 
     def start(self, timeout=30.0):
         self.proc = subprocess.Popen(
-            [kiln_bin(), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(self.data_dir), *self.extra_args],
+            [kiln_bin(), "serve", "--listen", self.listen, "--data-dir", str(self.data_dir), *self.extra_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 
 use super::functions::QualifierQuery;
 use super::{ApiError, AppState, read_body};
-use crate::invoke::{InvokeInput, MAX_SYNC_PAYLOAD};
+use crate::invoke::{InvokeInput, MAX_ASYNC_PAYLOAD, MAX_SYNC_PAYLOAD};
 
 pub(super) async fn invoke(
     State(s): State<AppState>,
@@ -28,30 +28,24 @@ pub(super) async fn invoke(
             )));
         }
     };
-    match invocation_type {
-        "RequestResponse" => {}
+    let limit = match invocation_type {
+        "RequestResponse" => MAX_SYNC_PAYLOAD,
+        "Event" => MAX_ASYNC_PAYLOAD,
         "DryRun" => {
             s.data.exists(&r.name, r.qualifier.as_deref())?;
             return Ok(StatusCode::NO_CONTENT.into_response());
-        }
-        "Event" => {
-            return Err(ApiError::invalid_parameter(
-                "InvocationType Event is not supported by this kiln release: use RequestResponse",
-            ));
         }
         other => {
             return Err(ApiError::invalid_parameter(format!(
                 "InvocationType must be RequestResponse, Event or DryRun, not {other:?}"
             )));
         }
-    }
-    let payload = read_body(body, MAX_SYNC_PAYLOAD, || {
+    };
+    let payload = read_body(body, limit, || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RequestTooLargeException",
-            format!(
-                "Request must be smaller than {MAX_SYNC_PAYLOAD} bytes for the InvokeFunction operation"
-            ),
+            format!("Request must be smaller than {limit} bytes for the InvokeFunction operation"),
         )
     })
     .await?;
@@ -66,16 +60,24 @@ pub(super) async fn invoke(
             "Could not parse request body into json: Could not parse payload into json: {e}"
         )));
     }
-    let output = s
-        .data
-        .invoke(InvokeInput {
-            name: r.name,
-            qualifier: r.qualifier,
-            payload,
-            log_tail,
-            trace_id: header_str("x-amzn-trace-id").map(str::to_owned),
-        })
-        .await?;
+    let input = InvokeInput {
+        name: r.name,
+        qualifier: r.qualifier,
+        payload,
+        log_tail,
+        trace_id: header_str("x-amzn-trace-id").map(str::to_owned),
+        request_id: None,
+    };
+    if invocation_type == "Event" {
+        // 202 only once the event is on disk.
+        let request_id = s.data.enqueue(input).await?;
+        let mut response = StatusCode::ACCEPTED.into_response();
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert("x-amzn-requestid", v);
+        }
+        return Ok(response);
+    }
+    let output = s.data.invoke(input).await?;
 
     let mut response = (
         StatusCode::OK,

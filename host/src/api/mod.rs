@@ -9,6 +9,7 @@ mod error;
 mod functions;
 mod invoke;
 mod layers;
+mod queue;
 mod settings;
 
 use std::sync::Arc;
@@ -153,6 +154,9 @@ pub fn router(state: AppState) -> Router {
             "/kiln/layers/{layer}/{version}/content.zip",
             get(layers::download),
         )
+        .route("/kiln/queue/{name}/records", get(queue::list))
+        .route("/kiln/queue/{name}/records/{id}", get(queue::show))
+        .route("/kiln/queue/{name}/redrive", post(queue::redrive))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(|| async { "ready" }))
         .fallback(unknown_operation)

@@ -42,6 +42,9 @@ pub enum Command {
         after_help = "Examples:\n  kiln deploy hello examples/hello\n  kiln deploy hello hello.zip --memory 256 --timeout 10"
     )]
     Deploy(DeployArgs),
+    /// The built-in queue of asynchronous invocation records (dead letters).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// List the runtimes kiln accepts, with their lifecycle dates.
     #[command(after_help = "Example:\n  kiln runtimes --output json")]
     Runtimes {
@@ -54,6 +57,46 @@ pub enum Command {
         after_help = "Examples:\n  kiln invoke hello --payload '{\"name\":\"Ada\"}'\n  kiln invoke hello --output json"
     )]
     Invoke(InvokeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List a function's records (failed events, and successes routed here).
+    #[command(
+        after_help = "Examples:\n  kiln dlq list my-function\n  kiln dlq list my-function --condition RetriesExhausted --output json"
+    )]
+    List {
+        /// The function.
+        function: String,
+        /// Only records with this condition (Success, RetriesExhausted, EventAgeExceeded).
+        #[arg(long)]
+        condition: Option<String>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Print one record: Lambda's invocation record JSON.
+    #[command(after_help = "Example:\n  kiln dlq show my-function 42")]
+    Show {
+        /// The function.
+        function: String,
+        /// The record's id (from `kiln dlq list`).
+        id: i64,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Send records' events back to the function as new asynchronous invocations.
+    #[command(
+        after_help = "Examples:\n  kiln dlq redrive my-function\n  kiln dlq redrive my-function --id 42 --id 43"
+    )]
+    Redrive {
+        /// The function.
+        function: String,
+        /// Only these records (default: all of the function's).
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,6 +122,14 @@ pub struct ServeArgs {
     /// The account's concurrency limit.
     #[arg(long, default_value_t = 1000)]
     pub account_concurrency: u32,
+    /// Seconds an environment may live (its lease); then it takes no new
+    /// invocation and is shut down.
+    #[arg(long, default_value_t = 14 * 3600)]
+    pub env_lease: u64,
+    /// Multiplies every asynchronous wait (retries, backoff, event age):
+    /// 0.01 runs Lambda's minutes in fractions of a second, for tests.
+    #[arg(long, default_value_t = 1.0)]
+    pub async_time_scale: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,6 +184,7 @@ pub async fn run_client(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Deploy(args) => deploy(args).await,
+        Command::Dlq(command) => dlq(command).await,
         Command::Runtimes { output } => {
             runtimes(output);
             Ok(0)
@@ -235,6 +287,117 @@ async fn deploy(args: DeployArgs) -> Result<i32> {
         ),
     }
     Ok(0)
+}
+
+async fn dlq(command: DlqCommand) -> Result<i32> {
+    match command {
+        DlqCommand::List {
+            function,
+            condition,
+            endpoint,
+        } => {
+            let client = Client::new(&endpoint)?;
+            let mut records = Vec::new();
+            let mut marker: Option<String> = None;
+            loop {
+                let mut path = format!(
+                    "/kiln/queue/{}/records?MaxItems=1000",
+                    path_segment(&function)
+                );
+                if let Some(c) = &condition {
+                    path.push_str(&format!("&Condition={}", path_segment(c)));
+                }
+                if let Some(m) = &marker {
+                    path.push_str(&format!("&Marker={m}"));
+                }
+                let page = client
+                    .send(reqwest::Method::GET, &path, &[], vec![])
+                    .await?
+                    .into_success()?
+                    .json()?;
+                records.extend(page["Records"].as_array().cloned().unwrap_or_default());
+                marker = page["NextMarker"].as_str().map(str::to_owned);
+                if marker.is_none() {
+                    break;
+                }
+            }
+            match endpoint.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&records)?),
+                Output::Text => {
+                    println!(
+                        "{:<8} {:<18} {:<38} {:<6} CREATED",
+                        "ID", "CONDITION", "REQUEST ID", "TRIES"
+                    );
+                    for r in &records {
+                        let created = time::OffsetDateTime::from_unix_timestamp_nanos(
+                            i128::from(r["created_ms"].as_i64().unwrap_or(0)) * 1_000_000,
+                        )
+                        .map(|t| t.to_string())
+                        .unwrap_or_default();
+                        println!(
+                            "{:<8} {:<18} {:<38} {:<6} {created}",
+                            r["id"],
+                            r["condition"].as_str().unwrap_or_default(),
+                            r["request_id"].as_str().unwrap_or_default(),
+                            r["record"]["requestContext"]["approximateInvokeCount"],
+                        );
+                    }
+                    eprintln!("{} records", records.len());
+                }
+            }
+            Ok(0)
+        }
+        DlqCommand::Show {
+            function,
+            id,
+            endpoint,
+        } => {
+            let client = Client::new(&endpoint)?;
+            let record = client
+                .send(
+                    reqwest::Method::GET,
+                    &format!("/kiln/queue/{}/records/{id}", path_segment(&function)),
+                    &[],
+                    vec![],
+                )
+                .await?
+                .into_success()?
+                .json()?;
+            let doc = match endpoint.output {
+                Output::Json => record,
+                Output::Text => record["record"].clone(),
+            };
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            Ok(0)
+        }
+        DlqCommand::Redrive {
+            function,
+            ids,
+            endpoint,
+        } => {
+            let client = Client::new(&endpoint)?;
+            let body = if ids.is_empty() {
+                json!({})
+            } else {
+                json!({ "Ids": ids })
+            };
+            let result = client
+                .send(
+                    reqwest::Method::POST,
+                    &format!("/kiln/queue/{}/redrive", path_segment(&function)),
+                    &[],
+                    serde_json::to_vec(&body)?,
+                )
+                .await?
+                .into_success()?
+                .json()?;
+            match endpoint.output {
+                Output::Json => println!("{result}"),
+                Output::Text => println!("{} events sent back to {function}", result["Redriven"]),
+            }
+            Ok(0)
+        }
+    }
 }
 
 fn runtimes(output: Output) {

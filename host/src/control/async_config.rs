@@ -23,16 +23,16 @@ fn now_seconds() -> f64 {
         .map_or(0.0, |d| (d.as_millis() as f64) / 1000.0)
 }
 
-/// A destination ARN: a function, queue, topic or event bus.
-fn check_destination(arn: &str) -> Result<(), ControlError> {
-    let service = arn
-        .strip_prefix("arn:")
-        .and_then(|r| r.split(':').nth(1))
-        .unwrap_or_default();
-    if !matches!(service, "lambda" | "sqs" | "sns" | "events" | "s3") || arn.len() > 350 {
+/// A destination kiln can deliver to: a function, or its built-in queue.
+fn check_destination(arn: &str, builtin: &str) -> Result<(), ControlError> {
+    let is_function = arn.len() <= 350
+        && arn.starts_with("arn:")
+        && arn.split(':').nth(2) == Some("lambda")
+        && arn.split(':').nth(5) == Some("function");
+    if !is_function && arn != builtin {
         return Err(ControlError::InvalidParameter(format!(
-            "The destination ARN {arn} is invalid: give the ARN of a function, an SQS queue, an \
-             SNS topic or an EventBridge event bus"
+            "The destination ARN {arn} is invalid: kiln delivers invocation records to a function \
+             (arn:aws:lambda:...:function:NAME) or to its built-in queue ({builtin})"
         )));
     }
     Ok(())
@@ -42,6 +42,7 @@ fn apply(
     record: &mut EventInvokeRecord,
     req: EventInvokeConfigRequest,
     replace: bool,
+    builtin: &str,
 ) -> Result<(), ControlError> {
     if replace {
         *record = EventInvokeRecord {
@@ -80,7 +81,7 @@ fn apply(
         }
     }
     for d in record.on_success.iter().chain(&record.on_failure) {
-        check_destination(d)?;
+        check_destination(d, builtin)?;
     }
     record.last_modified = now_seconds();
     Ok(())
@@ -103,6 +104,7 @@ impl ControlPlane {
         self.resolve(r).await?;
         let qualifier = Self::event_qualifier(r);
         let name = r.name.clone();
+        let builtin = self.arn.builtin_queue_arn();
         let record = self
             .write(move |d| {
                 let existing: Option<EventInvokeRecord> =
@@ -116,11 +118,13 @@ impl ControlPlane {
                     qualifier: qualifier.clone(),
                     ..EventInvokeRecord::default()
                 });
-                apply(&mut record, req, replace)?;
+                apply(&mut record, req, replace, &builtin)?;
                 d.put(Kind::EventInvoke, &name, &qualifier, &record)?;
                 Ok(record)
             })
             .await?;
+        self.data
+            .set_event_config(&r.name, &record.qualifier, Some(record.clone()));
         Ok(EventInvokeView {
             function: r.name.clone(),
             record,
@@ -149,18 +153,6 @@ impl ControlPlane {
         })
     }
 
-    /// The event-invoke config that applies to an invocation of `function`
-    /// through `qualifier`, if any (for the async queue).
-    pub async fn event_invoke_config_for(
-        &self,
-        function: &str,
-        qualifier: Option<&str>,
-    ) -> Result<Option<EventInvokeRecord>, ControlError> {
-        let (name, q) = (function.to_owned(), qualifier.unwrap_or(LATEST).to_owned());
-        self.read(move |d| Ok(d.get::<EventInvokeRecord>(Kind::EventInvoke, &name, &q)?))
-            .await
-    }
-
     /// `DeleteFunctionEventInvokeConfig`.
     pub async fn delete_event_invoke_config(&self, r: &FunctionRef) -> Result<(), ControlError> {
         let _guard = self.writes.lock().await;
@@ -175,6 +167,8 @@ impl ControlPlane {
                 self.arn.qualified_arn(&r.name, &Self::event_qualifier(r))
             )));
         }
+        self.data
+            .set_event_config(&r.name, &Self::event_qualifier(r), None);
         Ok(())
     }
 
@@ -211,6 +205,8 @@ mod tests {
     use super::super::requests::DestinationInput;
     use super::*;
 
+    const BUILTIN: &str = "arn:aws:sqs:us-east-1:000000000000:kiln-dlq";
+
     #[test]
     fn ranges_and_destinations_are_checked() {
         let mut r = EventInvokeRecord::default();
@@ -229,6 +225,7 @@ mod tests {
                 }),
             },
             true,
+            BUILTIN,
         )
         .unwrap();
         assert_eq!(r.maximum_retry_attempts, Some(1));
@@ -247,10 +244,11 @@ mod tests {
                 ..Default::default()
             },
         ] {
-            assert!(apply(&mut r.clone(), bad, false).is_err());
+            assert!(apply(&mut r.clone(), bad, false, BUILTIN).is_err());
         }
-        assert!(check_destination("not-an-arn").is_err());
-        assert!(check_destination("arn:aws:dynamodb:us-east-1:000000000000:table/t").is_err());
+        assert!(check_destination("not-an-arn", BUILTIN).is_err());
+        assert!(check_destination("arn:aws:sqs:us-east-1:000000000000:other", BUILTIN).is_err());
+        check_destination(BUILTIN, BUILTIN).unwrap();
     }
 
     #[test]
@@ -266,6 +264,7 @@ mod tests {
                 ..Default::default()
             },
             false,
+            BUILTIN,
         )
         .unwrap();
         assert_eq!(
@@ -279,6 +278,7 @@ mod tests {
                 ..Default::default()
             },
             true,
+            BUILTIN,
         )
         .unwrap();
         assert_eq!(

@@ -103,6 +103,7 @@ impl ControlPlane {
         })
         .await
         .map_err(|e| self.function_not_found(e, r))?;
+        self.data.set_reserved(&r.name, Some(reserved));
         Ok(reserved)
     }
 
@@ -128,7 +129,9 @@ impl ControlPlane {
         let _guard = self.writes.lock().await;
         let mut record = self.latest(&r.name).await?;
         record.reserved_concurrency = None;
-        self.commit_latest(&record).await
+        self.commit_latest(&record).await?;
+        self.data.set_reserved(&r.name, None);
+        Ok(())
     }
 
     /// `GetAccountSettings`.

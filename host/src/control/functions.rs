@@ -430,6 +430,7 @@ impl ControlPlane {
                 "Unable to delete version because the following aliases reference it: {users:?}"
             ))),
             Ok(_) => {
+                self.data.set_event_config(&r.name, version, None);
                 self.data.set_provisioned(&r.name, version, version, 0);
                 self.data.remove_version(&r.name, version);
                 self.collect_garbage().await;

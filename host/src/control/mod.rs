@@ -200,13 +200,14 @@ impl ControlPlane {
     /// Installs every stored function, version, alias and provisioned
     /// config in the data plane (at start).
     pub async fn load_all(&self) -> Result<usize, ControlError> {
-        let (functions, versions, aliases, provisioned) = self
+        let (functions, versions, aliases, provisioned, event_configs) = self
             .read(|d| {
                 Ok((
                     d.all::<FunctionRecord>(Kind::Function)?,
                     d.all::<FunctionRecord>(Kind::Version)?,
                     d.all::<AliasRecord>(Kind::Alias)?,
                     d.all::<ProvisionedRecord>(Kind::Provisioned)?,
+                    d.all::<model::EventInvokeRecord>(Kind::EventInvoke)?,
                 ))
             })
             .await?;
@@ -217,6 +218,10 @@ impl ControlPlane {
         for (function, _, alias) in aliases {
             self.data
                 .set_alias(&function, &alias.name, Some(route_of(&alias)));
+        }
+        for (function, qualifier, config) in event_configs {
+            self.data
+                .set_event_config(&function, &qualifier, Some(config));
         }
         for (function, qualifier, p) in provisioned {
             if let Some(version) = self.data.version_of(&function, &qualifier) {

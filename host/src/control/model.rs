@@ -142,6 +142,12 @@ impl ArnContext {
         format!("{}:{qualifier}", self.function_arn(name))
     }
 
+    /// The ARN that names kiln's built-in destination queue in a
+    /// `DestinationConfig`.
+    pub fn builtin_queue_arn(&self) -> String {
+        format!("arn:aws:sqs:{}:{}:kiln-dlq", self.region, self.account_id)
+    }
+
     /// `arn:aws:lambda:<region>:<account>:layer:<name>`.
     pub fn layer_arn(&self, name: &str) -> String {
         format!(

@@ -264,6 +264,7 @@ impl ControlPlane {
         })
         .await?;
         self.data.set_provisioned(&r.name, name, name, 0);
+        self.data.set_event_config(&r.name, name, None);
         self.data.set_alias(&r.name, name, None);
         Ok(())
     }

@@ -125,6 +125,7 @@ pub struct Environment {
     _dir: EnvironmentDir,
     _permit: OwnedSemaphorePermit,
     lease: Option<ProvisionedLease>,
+    created: Instant,
 }
 
 impl Environment {
@@ -139,7 +140,14 @@ impl Environment {
             _dir: dir,
             _permit: permit,
             lease,
+            created: Instant::now(),
         }
+    }
+
+    /// Whether the environment has lived longer than `max_lifetime` and
+    /// must take no further invocation.
+    pub(super) fn is_expired(&self, max_lifetime: Duration) -> bool {
+        self.created.elapsed() >= max_lifetime
     }
 
     /// Whether the environment belongs to a provisioned concurrency config.
@@ -191,18 +199,19 @@ impl IdleEnvironments {
         (!envs.is_empty()).then(|| envs.remove(0).0)
     }
 
-    /// Drops environments idle for longer than `limit`; returns how many.
-    pub(super) fn remove_idle_longer_than(&self, limit: Duration) -> usize {
-        let expired: Vec<Environment> = {
+    /// Drops the environments `expired` says are done (given each one and
+    /// when it became idle); returns how many.
+    pub(super) fn remove_where(&self, expired: impl Fn(&Environment, Instant) -> bool) -> usize {
+        let removed: Vec<Environment> = {
             let mut envs = self.lock();
-            let keep_from = envs
-                .iter()
-                .position(|(_, t)| t.elapsed() < limit)
-                .unwrap_or(envs.len());
-            envs.drain(..keep_from).map(|(e, _)| e).collect()
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *envs)
+                .into_iter()
+                .partition(|(e, t)| expired(e, *t));
+            *envs = kept;
+            gone.into_iter().map(|(e, _)| e).collect()
         };
         // Dropped outside the lock.
-        expired.len()
+        removed.len()
     }
 
     pub(super) fn clear(&self) {

@@ -10,6 +10,16 @@ use crate::control::model::FunctionRecord;
 /// Lambda tails the last 4 KB of the log.
 const LOG_TAIL: usize = 4096;
 
+/// Now as `2024-05-01T12:00:00.123Z`.
+pub(super) fn rfc3339_now() -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(&fmt)
+        .unwrap_or_default()
+}
+
 /// Builds one invocation's log.
 pub(super) struct LogBuilder {
     text: Vec<u8>,

@@ -11,7 +11,9 @@
 //! 5. answer with the payload or Lambda's error shape, and START / END /
 //!    REPORT lines around the function's own log.
 
+mod concurrency;
 mod environments;
+mod events;
 mod logs;
 mod provisioned;
 mod registry;
@@ -25,20 +27,25 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 pub use environments::EnvironmentsDir;
+pub use events::AsyncConfig;
 pub use provisioned::ProvisionedStatus;
 pub use registry::{AliasRoute, FunctionSlot};
 
+use concurrency::Governor;
 use environments::{Environment, ProvisionedLease};
 use logs::LogBuilder;
 use registry::FunctionEntry;
 
-use crate::control::model::{ArnContext, FunctionRecord};
+use crate::control::model::{ArnContext, EventInvokeRecord, FunctionRecord, LATEST};
 use crate::sandbox::{
     EnvironmentSpec, InitReport, InvocationRequest, Outcome, PreparedCode, Sandbox, SandboxError,
 };
+use crate::store::queue::{NewEvent, QueueStore};
 
 /// Largest synchronous request and response payload: 6 MB.
 pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
+/// Largest asynchronous (`Event`) payload: 1 MB.
+pub const MAX_ASYNC_PAYLOAD: usize = 1024 * 1024;
 /// Lambda's limit on an init phase.
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,6 +58,11 @@ pub struct DataPlaneConfig {
     pub idle_timeout: Duration,
     /// Most log bytes one invocation may produce.
     pub log_capacity: usize,
+    /// An environment's maximum lifetime (lease): past it, it takes no new
+    /// invocation and is shut down.
+    pub env_lease: Duration,
+    /// The account's concurrency limit.
+    pub account_concurrency: u32,
 }
 
 /// Why an invocation could not run.
@@ -86,6 +98,8 @@ pub struct InvokeInput {
     pub log_tail: bool,
     /// The caller's trace header, if any.
     pub trace_id: Option<String>,
+    /// The request id, when it was assigned earlier (an event's).
+    pub request_id: Option<String>,
 }
 
 /// The answer to an invocation.
@@ -128,6 +142,9 @@ pub struct DataPlane {
     arn: ArnContext,
     config: DataPlaneConfig,
     provisioned: Mutex<HashMap<(String, String), provisioned::Maintainer>>,
+    governor: Arc<Governor>,
+    queue: Arc<QueueStore>,
+    event_configs: RwLock<HashMap<(String, String), EventInvokeRecord>>,
     me: Weak<DataPlane>,
 }
 
@@ -146,6 +163,7 @@ impl DataPlane {
     pub fn new(
         sandbox: Arc<dyn Sandbox>,
         envs: EnvironmentsDir,
+        queue: Arc<QueueStore>,
         arn: ArnContext,
         config: DataPlaneConfig,
     ) -> Arc<Self> {
@@ -155,8 +173,11 @@ impl DataPlane {
             capacity: Arc::new(Semaphore::new(config.max_environments)),
             envs,
             arn,
+            governor: Governor::new(config.account_concurrency),
             config,
             provisioned: Mutex::new(HashMap::new()),
+            queue,
+            event_configs: RwLock::new(HashMap::new()),
             me: me.clone(),
         })
     }
@@ -178,14 +199,103 @@ impl DataPlane {
     }
 
     fn reap_idle(&self) {
-        let idle_timeout = self.config.idle_timeout;
+        let (idle_timeout, lease) = (self.config.idle_timeout, self.config.env_lease);
         for slot in self.slots() {
-            // Provisioned environments stay: keeping them warm is their job.
-            let reaped = slot.idle.remove_idle_longer_than(idle_timeout);
-            if reaped > 0 {
-                tracing::debug!(function = %slot.record.name, version = %slot.version(), reaped, "reaped idle environments");
+            let reaped = slot.idle.remove_where(|env, since| {
+                since.elapsed() >= idle_timeout || env.is_expired(lease)
+            });
+            // Provisioned environments stay while their lease lasts: keeping
+            // them warm is their job. Their maintainer replaces them.
+            let expired = slot
+                .provisioned
+                .remove_where(|env, _| env.is_expired(lease));
+            if reaped + expired > 0 {
+                tracing::debug!(function = %slot.record.name, version = %slot.version(), reaped, expired, "retired environments");
             }
         }
+    }
+
+    /// A warm environment of `slot` whose lease has not ended: provisioned
+    /// ones first.
+    fn take_warm(&self, slot: &FunctionSlot) -> Option<Environment> {
+        for pool in [&slot.provisioned, &slot.idle] {
+            while let Some(env) = pool.pop() {
+                if env.is_expired(self.config.env_lease) {
+                    // Shut down gracefully: it served its last invocation.
+                    drop(env);
+                    continue;
+                }
+                return Some(env);
+            }
+        }
+        None
+    }
+
+    /// Sets a function's reserved concurrency for admission control.
+    pub fn set_reserved(&self, function: &str, reserved: Option<u32>) {
+        self.governor.set_reserved(function, reserved);
+    }
+
+    /// Invocations of `function` in flight now.
+    pub fn in_flight(&self, function: &str) -> u32 {
+        self.governor.in_flight(function)
+    }
+
+    /// Sets (or, with `None`, removes) the asynchronous invocation settings
+    /// of a function's qualifier (`$LATEST` for the unqualified function).
+    pub fn set_event_config(
+        &self,
+        function: &str,
+        qualifier: &str,
+        config: Option<EventInvokeRecord>,
+    ) {
+        let mut map = self
+            .event_configs
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (function.to_owned(), qualifier.to_owned());
+        match config {
+            Some(c) => map.insert(key, c),
+            None => map.remove(&key),
+        };
+    }
+
+    /// The settings that apply to an event for `function` through
+    /// `qualifier` (defaults when none are set).
+    pub(crate) fn event_config(
+        &self,
+        function: &str,
+        qualifier: Option<&str>,
+    ) -> EventInvokeRecord {
+        let map = self.event_configs.read().unwrap_or_else(|p| p.into_inner());
+        map.get(&(function.to_owned(), qualifier.unwrap_or(LATEST).to_owned()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Stores an `Event` invocation durably and returns its request id
+    /// (the caller answers 202 only after this returns).
+    pub async fn enqueue(&self, input: InvokeInput) -> Result<String, InvokeError> {
+        self.resolve(&input.name, input.qualifier.as_deref())?;
+        let request_id = input
+            .request_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        self.queue
+            .enqueue(NewEvent {
+                request_id: request_id.clone(),
+                function: input.name,
+                qualifier: input.qualifier,
+                payload: input.payload.to_vec(),
+                trace_id: input.trace_id,
+            })
+            .await
+            .map_err(|e| InvokeError::Internal(format!("storing the event: {e}")))?;
+        Ok(request_id)
+    }
+
+    /// The queue of asynchronous invocations.
+    pub fn queue(&self) -> &Arc<QueueStore> {
+        &self.queue
     }
 
     fn read_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, FunctionEntry>> {
@@ -239,6 +349,10 @@ impl DataPlane {
                 .filter(|p| p.record.code_key() == record.code_key())
                 .and_then(|p| p.code.get().cloned())
         });
+        if record.is_latest() {
+            self.governor
+                .set_reserved(&record.name, record.reserved_concurrency);
+        }
         let slot = Arc::new(FunctionSlot::new(record, task_dir, opt_dir, code));
         entry
             .versions
@@ -280,6 +394,11 @@ impl DataPlane {
         let removed = self.write_functions().remove(name);
         self.provisioned_lock()
             .retain(|(function, _), _| function != name);
+        self.governor.set_reserved(name, None);
+        self.event_configs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(function, _), _| function != name);
         if let Some(entry) = removed {
             for slot in entry.versions.values() {
                 slot.retire();
@@ -317,7 +436,14 @@ impl DataPlane {
     /// Runs one synchronous invocation.
     pub async fn invoke(&self, input: InvokeInput) -> Result<InvokeOutput, InvokeError> {
         let slot = self.resolve(&input.name, input.qualifier.as_deref())?;
-        let request_id = uuid::Uuid::new_v4().to_string();
+        // Admission first: a throttled call does no work and holds nothing.
+        let _admitted = self
+            .governor
+            .acquire(&input.name)
+            .map_err(|reason| InvokeError::Throttled { reason })?;
+        let request_id = input
+            .request_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let record = slot.record.clone();
         let invoked_arn = match &input.qualifier {
             Some(q) => self.arn.qualified_arn(&record.name, q),
@@ -330,8 +456,7 @@ impl DataPlane {
             record.version
         ));
 
-        let warm = slot.provisioned.pop().or_else(|| slot.idle.pop());
-        let (mut env, init_duration) = match warm {
+        let (mut env, init_duration) = match self.take_warm(&slot) {
             Some(env) => (env, None),
             None => {
                 let (env, init) = self
@@ -371,7 +496,7 @@ impl DataPlane {
             init_duration,
         );
 
-        if env.is_reusable() && !slot.is_retired() {
+        if env.is_reusable() && !slot.is_retired() && !env.is_expired(self.config.env_lease) {
             if env.is_provisioned() {
                 slot.provisioned.push(env);
             } else {

@@ -113,6 +113,32 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO docs (kind, scope, key, record)
         SELECT 'function', '', name, record FROM functions;
     DROP TABLE functions;",
+    // 3: the durable queue of asynchronous invocations and the built-in
+    // destination queue (see store::queue).
+    "CREATE TABLE events (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id  TEXT NOT NULL,
+        function    TEXT NOT NULL,
+        qualifier   TEXT,
+        payload     BLOB NOT NULL,
+        trace_id    TEXT,
+        enqueued_ms INTEGER NOT NULL,
+        due_ms      INTEGER NOT NULL,
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        errors      INTEGER NOT NULL DEFAULT 0,
+        claimed     INTEGER NOT NULL DEFAULT 0,
+        attempt_log TEXT NOT NULL DEFAULT '[]'
+    ) STRICT;
+    CREATE INDEX events_due ON events (claimed, due_ms);
+    CREATE TABLE destination_records (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        function   TEXT NOT NULL,
+        condition  TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        record     TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX destination_records_function ON destination_records (function, id);",
 ];
 
 /// The metadata store.
@@ -130,6 +156,16 @@ impl MetaStore {
     /// Opens or creates the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self, MetaError> {
         Self::init(Connection::open(path)?)
+    }
+
+    /// Another connection to the same database file, configured alike (for
+    /// stores that keep their own connection, such as the queue).
+    pub fn connect(path: &Path) -> Result<Connection, MetaError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
     }
 
     /// An in-memory store, for tests.

@@ -1,5 +1,7 @@
-//! Durable state: the metadata store (SQLite) and the artifact store (code
-//! archives on disk).
+//! Durable state: the metadata store (SQLite), the queue of asynchronous
+//! invocations (same database), and the artifact store (code archives on
+//! disk).
 
 pub mod artifacts;
 pub mod meta;
+pub mod queue;
