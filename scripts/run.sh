@@ -11,7 +11,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kiln/target}"
 listen="${KILN_LISTEN:-127.0.0.1:9000}"
 data_dir="${KILN_DATA_DIR:-.kiln}"
 
-command -v cc >/dev/null || { apt-get update -q && apt-get install -y -q build-essential; }
+need=()
+command -v cc >/dev/null || need+=(build-essential)
+command -v musl-gcc >/dev/null || need+=(musl-tools)
+if ((${#need[@]})); then
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
+fi
 rustup toolchain install >/dev/null
 cargo build --release --locked -p kiln
 kiln="$CARGO_TARGET_DIR/release/kiln"

@@ -18,6 +18,7 @@ step() { printf '\n==> [%ss] %s\n' "$((SECONDS - started))" "$*"; }
 step "Debian packages"
 need=()
 command -v cc >/dev/null || need+=(build-essential)
+command -v musl-gcc >/dev/null || need+=(musl-tools)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if ((${#need[@]})); then

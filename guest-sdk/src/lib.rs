@@ -45,6 +45,16 @@
 //! kiln's `function` world; `kiln build` does the same and zips it for
 //! deployment. No other tool is needed.
 //!
+//! # The same function, native
+//!
+//! Built for any other target, the same handler becomes a Lambda custom
+//! runtime: a `bootstrap` that speaks the Runtime API, for the `provided.al2023`
+//! runtime (kiln's jail or microVM, or AWS Lambda itself). Add `"rlib"` to the
+//! crate types (`crate-type = ["cdylib", "rlib"]`) and run
+//! `kiln build --native PATH`: it builds a static `x86_64-unknown-linux-musl`
+//! bootstrap around your handler and zips it. The author chooses the sandbox
+//! without rewriting the function.
+//!
 //! # What a function sees
 //! - The event as your `Deserialize` type (a payload that does not fit is
 //!   reported as a `Runtime.UnmarshalError` without calling your code).
@@ -119,7 +129,16 @@ impl Context {
 
     /// Time left before the deadline, as the host counts it.
     pub fn remaining_time(&self) -> Duration {
-        Duration::from_millis(runtime::remaining_time_ms())
+        #[cfg(target_family = "wasm")]
+        {
+            Duration::from_millis(runtime::remaining_time_ms())
+        }
+        #[cfg(not(target_family = "wasm"))]
+        {
+            self.deadline()
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+        }
     }
 }
 
@@ -204,14 +223,38 @@ impl From<Error> for FunctionError {
 /// `println!` and `eprintln!` reach the same log; these add a level and
 /// key/value fields that kiln keeps apart from the message.
 pub mod log {
-    use super::runtime::{self, Level};
+    use super::runtime::Level;
 
+    #[cfg(target_family = "wasm")]
     fn write(level: Level, message: &str, fields: &[(&str, &str)]) {
         let fields: Vec<(String, String)> = fields
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        runtime::log(level, message, &fields);
+        super::runtime::log(level, message, &fields);
+    }
+
+    /// Natively there is no host call: the line goes to stdout, which the
+    /// runtime's log captures, in the same layout kiln writes.
+    #[cfg(not(target_family = "wasm"))]
+    fn write(level: Level, message: &str, fields: &[(&str, &str)]) {
+        let level = match level {
+            Level::Trace => "TRACE",
+            Level::Debug => "DEBUG",
+            Level::Info => "INFO",
+            Level::Warn => "WARN",
+            Level::Error => "ERROR",
+        };
+        let mut line = format!(
+            "{}\t{}\t{level}\t{}",
+            crate::native::timestamp(),
+            crate::native::current_request_id().unwrap_or_else(|| "-".into()),
+            message.replace('\n', "\\n")
+        );
+        for (k, v) in fields {
+            line.push_str(&format!("\t{k}={v}"));
+        }
+        println!("{line}");
     }
 
     /// Logs a line at `debug`.
@@ -240,6 +283,9 @@ pub mod log {
     }
 }
 
+#[cfg(not(target_family = "wasm"))]
+mod native;
+
 /// What the `#[handler]` macro expands to calls; not a public API.
 #[doc(hidden)]
 pub mod __private {
@@ -250,7 +296,7 @@ pub mod __private {
     pub use crate::bindings::exports::kiln::function::lifecycle::Guest as LifecycleGuest;
     pub use crate::bindings::kiln::function::types::{Context as WitContext, FunctionError};
 
-    use super::{Context, Error, runtime};
+    use super::{Context, Error};
     use serde::Serialize;
     use serde::de::DeserializeOwned;
     use std::sync::Once;
@@ -264,7 +310,7 @@ pub mod __private {
             std::panic::set_hook(Box::new(|info| {
                 let message = info.to_string();
                 eprintln!("{message}");
-                runtime::report_fatal(&FunctionError {
+                crate::runtime::report_fatal(&FunctionError {
                     error_type: "Panic".to_owned(),
                     message,
                 });
@@ -273,6 +319,35 @@ pub mod __private {
     }
 
     /// Decodes the event, runs the author's handler, encodes the response.
+    pub fn call<E, R, Er>(
+        handler: fn(E, &Context) -> Result<R, Er>,
+        event: &[u8],
+        context: &Context,
+    ) -> Result<Vec<u8>, Error>
+    where
+        E: DeserializeOwned,
+        R: Serialize,
+        Er: Into<Error>,
+    {
+        let event: E = serde_json::from_slice(event).map_err(|e| {
+            Error::new(
+                "Runtime.UnmarshalError",
+                format!(
+                    "the event is not a valid {}: {e}",
+                    super::short_type_name::<E>()
+                ),
+            )
+        })?;
+        let response = handler(event, context).map_err(Into::into)?;
+        serde_json::to_vec(&response).map_err(|e| {
+            Error::new(
+                "Runtime.MarshalError",
+                format!("the response could not be encoded as JSON: {e}"),
+            )
+        })
+    }
+
+    /// The Wasm export: [`call`] with WIT types.
     pub fn dispatch<E, R, Er>(
         handler: fn(E, &Context) -> Result<R, Er>,
         event: Vec<u8>,
@@ -284,19 +359,22 @@ pub mod __private {
         Er: Into<Error>,
     {
         install_panic_hook();
-        let context = Context::from(context);
-        let event: E = serde_json::from_slice(&event).map_err(|e| FunctionError {
-            error_type: "Runtime.UnmarshalError".to_owned(),
-            message: format!(
-                "the event is not a valid {}: {e}",
-                super::short_type_name::<E>()
-            ),
-        })?;
-        let response = handler(event, &context).map_err(|e| FunctionError::from(e.into()))?;
-        serde_json::to_vec(&response).map_err(|e| FunctionError {
-            error_type: "Runtime.MarshalError".to_owned(),
-            message: format!("the response could not be encoded as JSON: {e}"),
-        })
+        call(handler, &event, &Context::from(context)).map_err(FunctionError::from)
+    }
+
+    /// The native entry point: runs the handler as a custom runtime.
+    #[cfg(not(target_family = "wasm"))]
+    pub fn run_native<E, R, Er, Ie>(
+        handler: fn(E, &Context) -> Result<R, Er>,
+        init: Option<fn() -> Result<(), Ie>>,
+    ) -> !
+    where
+        E: DeserializeOwned,
+        R: Serialize,
+        Er: Into<Error>,
+        Ie: Into<Error>,
+    {
+        crate::native::run(handler, init)
     }
 
     /// Runs the author's init hook, if any.

@@ -8,10 +8,12 @@
 //!   implementations;
 //! - [`store`]: the metadata store and the artifact store;
 //! - [`package`]: deployment packages (zips);
-//! - [`server`]: `kiln serve`, wiring the above together.
+//! - [`server`]: `kiln serve`, wiring the above together;
+//! - [`doctor`]: which sandboxes this machine can run.
 
 pub mod api;
 pub mod control;
+pub mod doctor;
 pub mod invoke;
 pub mod package;
 pub mod sandbox;

@@ -64,6 +64,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_environments: args.max_environments,
         account_concurrency: args.account_concurrency,
         env_lease: std::time::Duration::from_secs(args.env_lease.max(1)),
+        wasm_sandbox: if args.wasm_sandbox == "jail" {
+            kiln::server::WasmPlacement::Jail
+        } else {
+            kiln::server::WasmPlacement::InProcess
+        },
         async_config: kiln::invoke::AsyncConfig {
             time_scale: args.async_time_scale,
             ..kiln::invoke::AsyncConfig::default()

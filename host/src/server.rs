@@ -23,7 +23,9 @@ use crate::api::{self, AppState};
 use crate::control::model::ArnContext;
 use crate::control::{ControlConfig, ControlPlane};
 use crate::invoke::{AsyncConfig, DataPlane, DataPlaneConfig, EnvironmentsDir};
+use crate::sandbox::jail::{JailSandbox, install_agent};
 use crate::sandbox::wasm::WasmSandbox;
+use crate::sandbox::{Sandbox, Sandboxes};
 use crate::store::artifacts::{ArchiveLimits, ArtifactStore};
 use crate::store::meta::MetaStore;
 use crate::store::queue::{QueueError, QueueStore};
@@ -47,6 +49,8 @@ pub struct ServerConfig {
     pub env_lease: Duration,
     /// Timing of asynchronous invocation.
     pub async_config: AsyncConfig,
+    /// Where Wasm functions run.
+    pub wasm_sandbox: WasmPlacement,
     /// Idle environments are torn down after this long.
     pub idle_timeout: Duration,
     /// Most log bytes per invocation.
@@ -68,6 +72,7 @@ impl ServerConfig {
             account_concurrency: 1000,
             env_lease: Duration::from_secs(14 * 3600),
             async_config: AsyncConfig::default(),
+            wasm_sandbox: WasmPlacement::InProcess,
             idle_timeout: Duration::from_secs(600),
             log_capacity: 1 << 20,
             root_access_key_id: None,
@@ -79,6 +84,15 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Where Wasm functions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WasmPlacement {
+    /// wasmtime in the kiln process (fastest).
+    InProcess,
+    /// The agent's wasmtime inside a jail (defense in depth).
+    Jail,
 }
 
 /// Why the server could not start.
@@ -110,6 +124,9 @@ pub enum StartError {
     /// Stored functions could not be loaded.
     #[error("loading functions: {0}")]
     Load(#[from] crate::control::ControlError),
+    /// The requested sandbox cannot run here.
+    #[error("{0}")]
+    Sandbox(String),
     /// The listen address could not be bound.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -154,12 +171,18 @@ impl Server {
                 config.account_id
             )));
         }
-        let dir = &config.data_dir;
+        let mut config = config;
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(dir)
-            .map_err(data_dir_error(dir))?;
+            .create(&config.data_dir)
+            .map_err(data_dir_error(&config.data_dir))?;
+        // Jails and their agents are given absolute paths.
+        config.data_dir = config
+            .data_dir
+            .canonicalize()
+            .map_err(data_dir_error(&config.data_dir))?;
+        let dir = &config.data_dir;
         let lock = lock_data_dir(dir)?;
 
         let meta = Arc::new(MetaStore::open(&dir.join("kiln.db"))?);
@@ -175,8 +198,9 @@ impl Server {
             account_id: config.account_id.clone(),
         };
         let queue = Arc::new(QueueStore::open(&dir.join("kiln.db"))?);
+        let sandboxes = sandboxes(&config, runtime).await?;
         let data = DataPlane::new(
-            Arc::new(WasmSandbox::new(runtime)),
+            sandboxes,
             envs,
             queue,
             arn.clone(),
@@ -255,6 +279,52 @@ impl Server {
             .with_graceful_shutdown(shutdown)
             .await
     }
+}
+
+/// The sandboxes this host runs: the jail when its probe passes (it runs
+/// native runtimes, and Wasm when asked to), wasmtime in-process for Wasm.
+async fn sandboxes(config: &ServerConfig, runtime: Arc<Runtime>) -> Result<Sandboxes, StartError> {
+    let dir = &config.data_dir;
+    let removed = tokio::task::spawn_blocking(crate::sandbox::cgroup::remove_leftovers)
+        .await
+        .unwrap_or(0);
+    if removed > 0 {
+        tracing::info!(
+            cgroups = removed,
+            "removed cgroups left by an earlier server"
+        );
+    }
+    let jail: Result<Arc<JailSandbox>, String> = async {
+        let agent = install_agent(&dir.join("runtime"))
+            .map_err(|e| format!("installing the agent: {e}"))?;
+        let jail = JailSandbox::new(agent, runtime.clone()).map_err(|e| e.to_string())?;
+        let scratch = dir
+            .join("envs")
+            .join(format!("probe-{}", uuid::Uuid::new_v4().simple()));
+        let probed = jail.probe(&scratch).await;
+        let _ = crate::store::artifacts::remove_tree(&scratch);
+        probed.map(|()| Arc::new(jail))
+    }
+    .await;
+    match &jail {
+        Ok(_) => tracing::info!("jail sandbox available: native runtimes run in jails"),
+        Err(why) => {
+            tracing::warn!(reason = %why, "jail sandbox unavailable: native runtimes cannot run on this host")
+        }
+    }
+    let wasm: Arc<dyn Sandbox> = match (config.wasm_sandbox, &jail) {
+        (WasmPlacement::InProcess, _) => Arc::new(WasmSandbox::new(runtime)),
+        (WasmPlacement::Jail, Ok(j)) => j.clone(),
+        (WasmPlacement::Jail, Err(why)) => {
+            return Err(StartError::Sandbox(format!(
+                "--wasm-sandbox jail: the jail sandbox cannot run here: {why}"
+            )));
+        }
+    };
+    Ok(Sandboxes {
+        wasm,
+        native: jail.map(|j| j as Arc<dyn Sandbox>),
+    })
 }
 
 /// Takes an exclusive lock on the data dir for the life of the server.

@@ -104,13 +104,17 @@ def artifacts(tmp_path_factory):
     """Deployable zips of the example and fixture functions, built with `kiln build`."""
     out = tmp_path_factory.mktemp("artifacts")
     zips = {}
-    for name, path in {
-        "hello": ROOT / "examples" / "hello",
-        "counter": ROOT / "examples" / "counter",
-        "misbehave": ROOT / "tests" / "functions" / "misbehave",
-    }.items():
+    for name, path, native in [
+        ("hello", ROOT / "examples" / "hello", False),
+        ("counter", ROOT / "examples" / "counter", False),
+        ("misbehave", ROOT / "tests" / "functions" / "misbehave", False),
+        ("hello-native", ROOT / "examples" / "hello", True),
+        ("native-misbehave", ROOT / "tests" / "functions" / "native-misbehave", True),
+        ("lambda-rt", ROOT / "tests" / "functions" / "lambda-rt", True),
+    ]:
         target = out / f"{name}.zip"
-        subprocess.run([kiln_bin(), "build", str(path), "--output", str(target)], check=True)
+        flags = ["--native"] if native else []
+        subprocess.run([kiln_bin(), "build", *flags, str(path), "--output", str(target)], check=True)
         zips[name] = target.read_bytes()
     return zips
 

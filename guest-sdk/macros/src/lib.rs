@@ -87,11 +87,22 @@ fn expand(args: HandlerArgs, func: ItemFn) -> syn::Result<proc_macro2::TokenStre
             ::core::option::Option::<fn() -> ::core::result::Result<(), ::kiln_sdk::Error>>::None
         ),
     };
+    let init_native = init.clone();
     let exported = syn::Ident::new("__KilnFunction", Span::call_site());
 
     Ok(quote! {
         #func
 
+        /// The native entry point `kiln build --native` calls: runs the
+        /// handler as a Lambda custom runtime.
+        #[cfg(not(target_family = "wasm"))]
+        #[doc(hidden)]
+        #[unsafe(no_mangle)]
+        pub fn __kiln_native_main() -> ! {
+            ::kiln_sdk::__private::run_native(#name, #init_native)
+        }
+
+        #[cfg(target_family = "wasm")]
         const _: () = {
             struct #exported;
 

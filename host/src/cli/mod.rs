@@ -28,14 +28,31 @@ pub enum Command {
     /// Run the server: the Lambda API and the functions.
     #[command(after_help = "Example:\n  kiln serve --listen 127.0.0.1:9000 --data-dir ./.kiln")]
     Serve(ServeArgs),
-    /// Build a function crate into a deployable zip (a component at function.wasm).
-    #[command(after_help = "Example:\n  kiln build examples/hello --output hello.zip")]
+    /// Build a function crate into a deployable zip: a Wasm component at
+    /// function.wasm, or with --native a static bootstrap (provided.al2023).
+    #[command(
+        after_help = "Examples:\n  kiln build examples/hello --output hello.zip\n  kiln build --native examples/hello --output hello-native.zip"
+    )]
     Build {
         /// The function crate (a directory with Cargo.toml).
         path: PathBuf,
-        /// Where to write the zip (default: <crate>.zip).
+        /// Where to write the zip (default: <crate>.zip, <crate>-native.zip).
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Build a native custom runtime (x86_64-unknown-linux-musl) instead
+        /// of a Wasm component.
+        #[arg(long)]
+        native: bool,
+    },
+    /// Say which sandboxes this machine can run, and why not the others.
+    #[command(after_help = "Example:\n  kiln doctor --output json")]
+    Doctor {
+        /// Where the probes may write (the server's data dir).
+        #[arg(long, env = "KILN_DATA_DIR", default_value = ".kiln")]
+        data_dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Create a function, or update its code if it exists.
     #[command(
@@ -126,6 +143,10 @@ pub struct ServeArgs {
     /// invocation and is shut down.
     #[arg(long, default_value_t = 14 * 3600)]
     pub env_lease: u64,
+    /// Where Wasm functions run: `wasm` (wasmtime in the kiln process) or
+    /// `jail` (the agent's wasmtime inside a jail, for defense in depth).
+    #[arg(long, value_parser = ["wasm", "jail"], default_value = "wasm")]
+    pub wasm_sandbox: String,
     /// Multiplies every asynchronous wait (retries, backoff, event age):
     /// 0.01 runs Lambda's minutes in fractions of a second, for tests.
     #[arg(long, default_value_t = 1.0)]
@@ -150,6 +171,14 @@ pub struct DeployArgs {
     /// Execution role ARN for a new function.
     #[arg(long, default_value = "arn:aws:iam::000000000000:role/kiln-function")]
     pub role: String,
+    /// Build a crate directory as a native bootstrap (provided.al2023)
+    /// instead of a Wasm component.
+    #[arg(long)]
+    pub native: bool,
+    /// The runtime of a new function (default: from the zip: wasip2 for
+    /// function.wasm, provided.al2023 for bootstrap).
+    #[arg(long)]
+    pub runtime: Option<String>,
     #[command(flatten)]
     pub endpoint: Endpoint,
 }
@@ -172,8 +201,17 @@ pub struct InvokeArgs {
 pub async fn run_client(command: Command) -> Result<i32> {
     match command {
         Command::Serve(_) => unreachable!("serve is not a client command"),
-        Command::Build { path, output } => {
-            let built = build::build(&path, output.as_deref())?;
+        Command::Doctor { data_dir, output } => doctor(&data_dir, output).await,
+        Command::Build {
+            path,
+            output,
+            native,
+        } => {
+            let built = if native {
+                build::build_native(&path, output.as_deref())?
+            } else {
+                build::build(&path, output.as_deref())?
+            };
             eprintln!(
                 "built {} ({} bytes): deploy it with `kiln deploy {} {}`",
                 built.zip.display(),
@@ -196,7 +234,11 @@ pub async fn run_client(command: Command) -> Result<i32> {
 async fn deploy(args: DeployArgs) -> Result<i32> {
     let zip = if args.code.is_dir() {
         let out = std::env::temp_dir().join(format!("kiln-deploy-{}.zip", std::process::id()));
-        let built = build::build(&args.code, Some(&out))?;
+        let built = if args.native {
+            build::build_native(&args.code, Some(&out))?
+        } else {
+            build::build(&args.code, Some(&out))?
+        };
         let bytes = std::fs::read(&built.zip)?;
         let _ = std::fs::remove_file(&built.zip);
         bytes
@@ -233,11 +275,23 @@ async fn deploy(args: DeployArgs) -> Result<i32> {
         )
         .await?;
     let config = if existing.status == 404 {
+        let native = zip_holds(&zip, kiln::package::BOOTSTRAP_IN_ZIP);
+        let runtime = args.runtime.clone().unwrap_or_else(|| {
+            if native {
+                "provided.al2023".into()
+            } else {
+                "wasip2".into()
+            }
+        });
         let mut body = settings.clone();
         body["FunctionName"] = args.name.clone().into();
-        body["Runtime"] = "wasip2".into();
+        body["Runtime"] = runtime.into();
         body["Role"] = args.role.clone().into();
-        body["Handler"] = build::COMPONENT_IN_ZIP.into();
+        body["Handler"] = if native {
+            "bootstrap".into()
+        } else {
+            build::COMPONENT_IN_ZIP.into()
+        };
         body["Code"] = json!({ "ZipFile": zip_b64 });
         client
             .send(
@@ -400,6 +454,24 @@ async fn dlq(command: DlqCommand) -> Result<i32> {
     }
 }
 
+async fn doctor(data_dir: &std::path::Path, output: Output) -> Result<i32> {
+    let report = kiln::doctor::examine(data_dir).await;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Text => {
+            for s in &report.sandboxes {
+                println!(
+                    "{:<8} {:<4} {}",
+                    s.name,
+                    if s.available { "yes" } else { "no" },
+                    s.detail
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
 fn runtimes(output: Output) {
     let rows = kiln::control::runtimes::table(time::OffsetDateTime::now_utc().date());
     match output {
@@ -431,6 +503,13 @@ fn runtimes(output: Output) {
             }
         }
     }
+}
+
+/// Whether a zip has an entry named `name`.
+fn zip_holds(zip: &[u8], name: &str) -> bool {
+    zip::ZipArchive::new(std::io::Cursor::new(zip))
+        .map(|mut a| a.by_name(name).is_ok())
+        .unwrap_or(false)
 }
 
 async fn invoke(args: InvokeArgs) -> Result<i32> {

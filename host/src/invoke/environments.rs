@@ -64,6 +64,11 @@ impl EnvironmentDir {
     pub fn tmp(&self) -> PathBuf {
         self.path.join("tmp")
     }
+
+    /// The directory itself.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
 }
 
 impl Drop for EnvironmentDir {

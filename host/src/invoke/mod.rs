@@ -38,7 +38,8 @@ use registry::FunctionEntry;
 
 use crate::control::model::{ArnContext, EventInvokeRecord, FunctionRecord, LATEST};
 use crate::sandbox::{
-    EnvironmentSpec, InitReport, InvocationRequest, Outcome, PreparedCode, Sandbox, SandboxError,
+    EnvironmentSpec, InitReport, InvocationRequest, Outcome, PreparedCode, SandboxError, Sandboxes,
+    error_document,
 };
 use crate::store::queue::{NewEvent, QueueStore};
 
@@ -135,7 +136,7 @@ impl InitType {
 
 /// The data plane of one host.
 pub struct DataPlane {
-    sandbox: Arc<dyn Sandbox>,
+    sandboxes: Sandboxes,
     functions: RwLock<HashMap<String, FunctionEntry>>,
     capacity: Arc<Semaphore>,
     envs: EnvironmentsDir,
@@ -151,7 +152,7 @@ pub struct DataPlane {
 impl std::fmt::Debug for DataPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DataPlane")
-            .field("sandbox", &self.sandbox.kind())
+            .field("sandboxes", &self.sandboxes)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -161,14 +162,14 @@ impl DataPlane {
     /// A data plane running code in `sandbox`, with environment scratch
     /// space under `envs`.
     pub fn new(
-        sandbox: Arc<dyn Sandbox>,
+        sandboxes: Sandboxes,
         envs: EnvironmentsDir,
         queue: Arc<QueueStore>,
         arn: ArnContext,
         config: DataPlaneConfig,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
-            sandbox,
+            sandboxes,
             functions: RwLock::new(HashMap::new()),
             capacity: Arc::new(Semaphore::new(config.max_environments)),
             envs,
@@ -327,7 +328,10 @@ impl DataPlane {
         task_dir: PathBuf,
     ) -> Result<PreparedCode, SandboxError> {
         let slot = FunctionSlot::new(record.clone(), task_dir, None, None);
-        self.sandbox.prepare(&slot.code_spec()).await
+        self.sandboxes
+            .for_runtime(&record.runtime)?
+            .prepare(&slot.code_spec())
+            .await
     }
 
     /// Makes `record` the state of its version (`$LATEST` or a number).
@@ -507,7 +511,7 @@ impl DataPlane {
             Outcome::Response(payload) if payload.len() > MAX_SYNC_PAYLOAD => failure_output(
                 request_id,
                 &record,
-                Outcome::FunctionError {
+                Outcome::Failed {
                     error_type: "Function.ResponseSizeTooLarge".to_owned(),
                     message: format!(
                         "Response payload size exceeded maximum allowed payload size ({MAX_SYNC_PAYLOAD} bytes)."
@@ -535,9 +539,14 @@ impl DataPlane {
         init_type: InitType,
         lease: Option<ProvisionedLease>,
     ) -> Result<(Option<Environment>, InitReport), InvokeError> {
+        let sandbox = self
+            .sandboxes
+            .for_runtime(&slot.record.runtime)
+            .map_err(|e| InvokeError::InvalidCode(e.to_string()))?
+            .clone();
         let code = slot
             .code
-            .get_or_try_init(|| async { self.sandbox.prepare(&slot.code_spec()).await })
+            .get_or_try_init(|| async { sandbox.prepare(&slot.code_spec()).await })
             .await
             .map_err(|e| match e {
                 SandboxError::InvalidCode(m) => InvokeError::InvalidCode(m),
@@ -555,18 +564,16 @@ impl DataPlane {
             task_dir: slot.task_dir.clone(),
             opt_dir: slot.opt_dir.clone(),
             tmp_dir: dir.tmp(),
+            env_dir: dir.path().to_path_buf(),
+            ephemeral_mb: record.ephemeral_storage,
             log_capacity: self.config.log_capacity,
         };
-        let mut env = self
-            .sandbox
-            .create(&code, spec)
-            .await
-            .map_err(|e| match e {
-                SandboxError::Capacity(_) => InvokeError::Throttled {
-                    reason: "ConcurrentInvocationLimitExceeded",
-                },
-                other => InvokeError::Internal(other.to_string()),
-            })?;
+        let mut env = sandbox.create(&code, spec).await.map_err(|e| match e {
+            SandboxError::Capacity(_) => InvokeError::Throttled {
+                reason: "ConcurrentInvocationLimitExceeded",
+            },
+            other => InvokeError::Internal(other.to_string()),
+        })?;
         let init = env.init(INIT_TIMEOUT).await;
         if init.error.is_some() {
             return Ok((None, init));
@@ -616,22 +623,14 @@ fn failure_output(
     outcome: Outcome,
     log: LogBuilder,
 ) -> InvokeOutput {
-    let (error_type, message) = match outcome {
-        Outcome::FunctionError {
+    let payload = match outcome {
+        Outcome::FunctionError { body, .. } => body,
+        Outcome::Failed {
             error_type,
             message,
-        }
-        | Outcome::Failed {
-            error_type,
-            message,
-        } => (error_type, message),
+        } => error_document(&error_type, &message),
         Outcome::Response(_) => unreachable!("a response is not a failure"),
     };
-    let payload = serde_json::to_vec(&serde_json::json!({
-        "errorType": error_type,
-        "errorMessage": message,
-    }))
-    .unwrap_or_default();
     InvokeOutput {
         request_id,
         executed_version: record.version.clone(),
@@ -677,15 +676,33 @@ fn lambda_environment(
         ),
         ("AWS_REGION".to_owned(), arn.region.clone()),
         ("AWS_DEFAULT_REGION".to_owned(), arn.region.clone()),
-        (
-            "AWS_EXECUTION_ENV".to_owned(),
-            format!("AWS_Lambda_{}", record.runtime),
-        ),
         ("LAMBDA_TASK_ROOT".to_owned(), "/var/task".to_owned()),
+        ("LAMBDA_RUNTIME_DIR".to_owned(), "/var/runtime".to_owned()),
         ("_HANDLER".to_owned(), record.handler.clone()),
         ("TZ".to_owned(), ":UTC".to_owned()),
         ("LANG".to_owned(), "en_US.UTF-8".to_owned()),
     ];
+    match crate::control::runtimes::lookup(&record.runtime).map(|r| r.family) {
+        Some(crate::control::runtimes::Family::Native) => env.extend([
+            (
+                "AWS_LAMBDA_RUNTIME_API".to_owned(),
+                "127.0.0.1:9001".to_owned(),
+            ),
+            (
+                "PATH".to_owned(),
+                "/usr/local/bin:/usr/bin/:/bin:/opt/bin".to_owned(),
+            ),
+            (
+                "LD_LIBRARY_PATH".to_owned(),
+                "/lib64:/usr/lib64:/var/runtime:/var/runtime/lib:/var/task:/var/task/lib:/opt/lib"
+                    .to_owned(),
+            ),
+        ]),
+        _ => env.push((
+            "AWS_EXECUTION_ENV".to_owned(),
+            format!("AWS_Lambda_{}", record.runtime),
+        )),
+    }
     env.extend(
         record
             .environment

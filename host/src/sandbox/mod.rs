@@ -7,8 +7,12 @@
 //! holds; the data plane drops it otherwise, and dropping it releases
 //! everything it held.
 //!
-//! Implementations: [`wasm::WasmSandbox`] (wasmtime in this process).
+//! Implementations: [`wasm::WasmSandbox`] (wasmtime in this process) and
+//! [`jail::JailSandbox`] (the agent in namespaces, cgroups and seccomp).
+//! [`Sandboxes`] picks one per runtime.
 
+pub mod cgroup;
+pub mod jail;
 pub mod wasm;
 
 use std::any::Any;
@@ -23,6 +27,8 @@ use async_trait::async_trait;
 pub enum SandboxKind {
     /// wasmtime inside the kiln process.
     Wasm,
+    /// The agent in a jail.
+    Jail,
 }
 
 impl SandboxKind {
@@ -30,6 +36,7 @@ impl SandboxKind {
     pub fn as_str(self) -> &'static str {
         match self {
             SandboxKind::Wasm => "wasm",
+            SandboxKind::Jail => "jail",
         }
     }
 }
@@ -90,8 +97,13 @@ pub struct EnvironmentSpec {
     pub task_dir: PathBuf,
     /// Merged layers, shown read-only at `/opt`.
     pub opt_dir: Option<PathBuf>,
-    /// This environment's own `/tmp`.
+    /// This environment's own `/tmp` (used as is by the in-process
+    /// sandbox; jails mount a tmpfs of `ephemeral_mb` instead).
     pub tmp_dir: PathBuf,
+    /// The environment's own directory, removed when it ends.
+    pub env_dir: PathBuf,
+    /// EphemeralStorage in MiB: the size of `/tmp`.
+    pub ephemeral_mb: u32,
     /// Most log bytes one invocation may produce.
     pub log_capacity: usize,
 }
@@ -124,8 +136,9 @@ pub enum Outcome {
     FunctionError {
         /// `errorType`.
         error_type: String,
-        /// `errorMessage`.
-        message: String,
+        /// The error document the caller receives (Lambda's
+        /// `{"errorType", "errorMessage", ...}` as the runtime wrote it).
+        body: Vec<u8>,
     },
     /// The environment failed (crash, timeout, out of memory) and is not
     /// reusable.
@@ -204,4 +217,50 @@ pub trait ExecutionEnvironment: Send {
 
     /// Whether another invocation may run here.
     fn is_reusable(&self) -> bool;
+}
+
+/// The error document of a failure the platform reports itself.
+pub fn error_document(error_type: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "errorType": error_type,
+        "errorMessage": message,
+    }))
+    .unwrap_or_default()
+}
+
+/// The sandboxes of one host and which runs what.
+#[derive(Clone)]
+pub struct Sandboxes {
+    /// Runs `wasip2` functions.
+    pub wasm: Arc<dyn Sandbox>,
+    /// Runs native runtimes, when this host can.
+    pub native: Result<Arc<dyn Sandbox>, String>,
+}
+
+impl std::fmt::Debug for Sandboxes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandboxes")
+            .field("wasm", &self.wasm.kind())
+            .field("native", &self.native.as_ref().map(|s| s.kind()))
+            .finish()
+    }
+}
+
+impl Sandboxes {
+    /// The sandbox for a runtime, or why there is none on this host.
+    pub fn for_runtime(&self, runtime: &str) -> Result<&Arc<dyn Sandbox>, SandboxError> {
+        use crate::control::runtimes::{Family, lookup};
+        match lookup(runtime).map(|r| r.family) {
+            Some(Family::Wasm) => Ok(&self.wasm),
+            Some(Family::Native) => self.native.as_ref().map_err(|why| {
+                SandboxError::InvalidCode(format!(
+                    "runtime {runtime} runs a native bootstrap, which needs the jail sandbox, and \
+                     this host cannot run it: {why} (see `kiln doctor`)"
+                ))
+            }),
+            None => Err(SandboxError::InvalidCode(format!(
+                "unknown runtime {runtime}"
+            ))),
+        }
+    }
 }

@@ -110,8 +110,8 @@ fn outcome(outcome: kiln_wasm::Outcome, request_id: Option<&str>) -> Outcome {
     match outcome {
         kiln_wasm::Outcome::Response(bytes) => Outcome::Response(bytes),
         kiln_wasm::Outcome::Error(e) => Outcome::FunctionError {
+            body: super::error_document(&e.error_type, &e.message),
             error_type: e.error_type,
-            message: e.message,
         },
         kiln_wasm::Outcome::Failed(f) => Outcome::Failed {
             error_type: f.error_type(),

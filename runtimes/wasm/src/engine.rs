@@ -220,6 +220,44 @@ impl Runtime {
         self.compile(key, &bytes)
     }
 
+    /// Loads a component from `source`, or from `precompiled` when that file
+    /// holds a compatible compiled form of it (the host shares its
+    /// compilation with environments this way).
+    ///
+    /// `precompiled` must come from a trusted writer: it is deserialized as
+    /// machine code.
+    pub fn load_file(
+        &self,
+        precompiled: Option<&Path>,
+        source: &Path,
+    ) -> Result<FunctionCode, CompileError> {
+        if let Some(path) = precompiled
+            && let Ok(bytes) = fs::read(path)
+            && !bytes.is_empty()
+        {
+            // SAFETY: the caller vouches for the file (kiln's own compilation
+            // cache, bound read-only into the environment); the bytes are our
+            // copy, and `deserialize` checks the header and engine
+            // compatibility.
+            match unsafe { Component::deserialize(&self.engine, &bytes) } {
+                Ok(component) => return self.prepare(component),
+                Err(e) => {
+                    tracing::debug!(error = %e, "precompiled component not usable; compiling");
+                }
+            }
+        }
+        let bytes = fs::read(source).map_err(CompileError::Source)?;
+        check_component_header(&bytes)?;
+        let component = Component::new(&self.engine, &bytes)
+            .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        self.prepare(component)
+    }
+
+    /// The path of the compiled form of `key`, if it exists.
+    pub fn cached_path(&self, key: &str) -> Option<PathBuf> {
+        self.cache_path(key).ok().filter(|p| p.is_file())
+    }
+
     /// Removes the compiled form of `key`, if any.
     pub fn evict(&self, key: &str) -> Result<(), CompileError> {
         let path = self.cache_path(key)?;

@@ -1,0 +1,135 @@
+//! `kiln doctor`: which sandboxes this machine can run, found by trying
+//! them, and why not the others.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::sandbox::jail::{JailSandbox, install_agent};
+
+/// One sandbox's verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxStatus {
+    /// `wasm`, `jail`, `microvm`.
+    pub name: &'static str,
+    /// Whether this machine can run it.
+    pub available: bool,
+    /// What was found, or why not.
+    pub detail: String,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DoctorReport {
+    /// In order: wasm, jail, microvm.
+    pub sandboxes: Vec<SandboxStatus>,
+}
+
+/// Probes every sandbox, using `data_dir` for scratch space.
+pub async fn examine(data_dir: &Path) -> DoctorReport {
+    let _ = std::fs::create_dir_all(data_dir);
+    let absolute = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_path_buf());
+    let data_dir = absolute.as_path();
+    let wasm = match kiln_wasm::Runtime::new({
+        let mut c = kiln_wasm::RuntimeConfig::new(data_dir.join("compiled"));
+        c.max_environments = 1;
+        c
+    }) {
+        Ok(_) => SandboxStatus {
+            name: "wasm",
+            available: true,
+            detail:
+                "wasmtime 48 in the kiln process: pooling allocator, memory limits, epoch deadlines"
+                    .into(),
+        },
+        Err(e) => SandboxStatus {
+            name: "wasm",
+            available: false,
+            detail: format!("the Wasm engine cannot start: {e}"),
+        },
+    };
+    DoctorReport {
+        sandboxes: vec![wasm, jail(data_dir).await, microvm()],
+    }
+}
+
+async fn jail(data_dir: &Path) -> SandboxStatus {
+    let fail = |detail: String| SandboxStatus {
+        name: "jail",
+        available: false,
+        detail,
+    };
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        return fail("kiln is not running as root: building jails (namespaces, mounts, cgroups, other uids) needs root".into());
+    }
+    let agent = match install_agent(&data_dir.join("runtime")) {
+        Ok(a) => a,
+        Err(e) => {
+            return fail(format!(
+                "cannot install the agent in {}: {e}",
+                data_dir.display()
+            ));
+        }
+    };
+    let runtime = match kiln_wasm::Runtime::new({
+        let mut c = kiln_wasm::RuntimeConfig::new(data_dir.join("compiled"));
+        c.max_environments = 1;
+        c
+    }) {
+        Ok(r) => Arc::new(r),
+        Err(e) => return fail(format!("the Wasm engine cannot start: {e}")),
+    };
+    let sandbox = match JailSandbox::new(agent, runtime) {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    let scratch = data_dir
+        .join("envs")
+        .join(format!("doctor-{}", uuid::Uuid::new_v4().simple()));
+    let probed = sandbox.probe(&scratch).await;
+    let _ = crate::store::artifacts::remove_tree(&scratch);
+    match probed {
+        Ok(()) => SandboxStatus {
+            name: "jail",
+            available: true,
+            detail: format!(
+                "built a jail end to end (namespaces, pivot_root, cgroup {}, unprivileged uid, seccomp) and reached its agent",
+                if cgroups_rs::hierarchies::is_cgroup2_unified_mode() {
+                    "v2"
+                } else {
+                    "v1"
+                }
+            ),
+        },
+        Err(e) => fail(e),
+    }
+}
+
+fn microvm() -> SandboxStatus {
+    let kvm = Path::new("/dev/kvm");
+    let cpu_flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hardware = cpu_flags
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .is_some_and(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let detail = if !kvm.exists() {
+        "no /dev/kvm on this machine".to_owned()
+    } else if !hardware {
+        "/dev/kvm is present but the CPU has no hardware virtualization (no vmx/svm flag): a Linux \
+         guest cannot boot here; functions run in jails instead"
+            .to_owned()
+    } else {
+        "/dev/kvm and hardware virtualization are present, but this kiln release has no microVM \
+         sandbox yet; functions run in jails"
+            .to_owned()
+    };
+    SandboxStatus {
+        name: "microvm",
+        available: false,
+        detail,
+    }
+}

@@ -1,0 +1,209 @@
+//! One cgroup per jailed environment, through cgroups-rs, on cgroup v1 (as
+//! on this team's machines) or v2: memory limited to the function's
+//! MemorySize, a CPU share proportional to memory as Lambda allots CPU
+//! (1,769 MB = one vCPU), and at most 1,024 processes.
+//!
+//! All of kiln's cgroups live under `kiln/` in each hierarchy, so that a
+//! server that died can find and remove what it left.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use cgroups_rs::cpu::CpuController;
+use cgroups_rs::memory::MemController;
+use cgroups_rs::pid::PidController;
+use cgroups_rs::{Cgroup, Controller, MaxValue, hierarchies};
+
+/// Where kiln's cgroups go, in every hierarchy.
+pub const PARENT: &str = "kiln";
+/// Most processes in one environment.
+pub const MAX_PIDS: i64 = 1024;
+/// Lambda's memory per vCPU.
+const MB_PER_VCPU: u64 = 1769;
+
+/// Why a cgroup could not be made or used.
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {path}: {message}")]
+pub struct CgroupError {
+    /// The cgroup.
+    pub path: String,
+    /// What failed.
+    pub message: String,
+}
+
+/// An environment's cgroup; removed when dropped.
+pub struct EnvCgroup {
+    cgroup: Cgroup,
+    name: String,
+    v2: bool,
+    memory_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for EnvCgroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvCgroup")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EnvCgroup {
+    /// Creates `kiln/<id>` with the limits of a function of `memory_mb`.
+    pub fn create(id: &str, memory_mb: u32, memory_limit_bytes: u64) -> Result<Self, CgroupError> {
+        let name = format!("{PARENT}/{id}");
+        let err = |message: String| CgroupError {
+            path: name.clone(),
+            message,
+        };
+        let hier = hierarchies::auto();
+        let v2 = hier.v2();
+        let cgroup = Cgroup::new_with_specified_controllers(
+            hier,
+            &name,
+            Some(vec!["memory".into(), "cpu".into(), "pids".into()]),
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let this = Self {
+            memory_dir: cgroup
+                .controller_of::<MemController>()
+                .map(|m| m.path().to_path_buf()),
+            cgroup,
+            name: name.clone(),
+            v2,
+        };
+        let memory = this
+            .cgroup
+            .controller_of::<MemController>()
+            .ok_or_else(|| err("no memory controller".into()))?;
+        memory
+            .set_limit(memory_limit_bytes as i64)
+            .map_err(|e| err(format!("memory limit: {e}")))?;
+        if !v2 {
+            // No swap to escape the limit into (fails where swap accounting
+            // is off, which means there is nothing to escape into anyway).
+            let _ = memory.set_memswap_limit(memory_limit_bytes as i64);
+        }
+        if let Some(cpu) = this.cgroup.controller_of::<CpuController>() {
+            let shares = (1024 * u64::from(memory_mb) / MB_PER_VCPU).max(2);
+            cpu.set_shares(shares)
+                .map_err(|e| err(format!("cpu shares: {e}")))?;
+        }
+        this.cgroup
+            .controller_of::<PidController>()
+            .ok_or_else(|| err("no pids controller".into()))?
+            .set_pid_max(MaxValue::Value(MAX_PIDS))
+            .map_err(|e| err(format!("pids limit: {e}")))?;
+        Ok(this)
+    }
+
+    /// The `cgroup.procs` files a process writes itself into.
+    pub fn procs_files(&self) -> Vec<String> {
+        self.cgroup
+            .subsystems()
+            .iter()
+            .map(|s| {
+                s.to_controller()
+                    .path()
+                    .join("cgroup.procs")
+                    .display()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    fn read_memory_file(&self, file: &str) -> Option<String> {
+        fs::read_to_string(self.memory_dir.as_ref()?.join(file)).ok()
+    }
+
+    /// Peak memory use of the environment, in bytes.
+    pub fn peak_memory(&self) -> Option<u64> {
+        let file = if self.v2 {
+            "memory.peak"
+        } else {
+            "memory.max_usage_in_bytes"
+        };
+        self.read_memory_file(file)?.trim().parse().ok()
+    }
+
+    /// How many times the kernel's OOM killer acted in the environment.
+    pub fn oom_kills(&self) -> u64 {
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        self.read_memory_file(file)
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Processes in the environment now.
+    pub fn process_count(&self) -> usize {
+        self.cgroup.procs().len()
+    }
+
+    /// Kills every process in the cgroup.
+    pub fn kill_all(&self) {
+        kill_procs(&self.cgroup);
+    }
+}
+
+fn kill_procs(cgroup: &Cgroup) {
+    // Twice: a fork racing the first pass lands in the cgroup and is caught
+    // by the second.
+    for _ in 0..2 {
+        for pid in cgroup.procs() {
+            // SAFETY: sending a signal to a pid; no memory is involved.
+            unsafe { libc::kill(pid.pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for EnvCgroup {
+    fn drop(&mut self) {
+        kill_procs(&self.cgroup);
+        if let Err(e) = self.cgroup.delete() {
+            tracing::warn!(cgroup = %self.name, error = %e, "removing a cgroup");
+        }
+    }
+}
+
+/// Removes cgroups a dead server left under `kiln/`, killing what runs in
+/// them. Returns how many were removed.
+pub fn remove_leftovers() -> usize {
+    let hier = hierarchies::auto();
+    let mut names = std::collections::BTreeSet::new();
+    for subsystem in hier.subsystems() {
+        let dir: &Path = subsystem.to_controller().path();
+        let parent = dir.join(PARENT);
+        if let Ok(entries) = fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    names.insert(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    let mut removed = 0;
+    for name in names {
+        let cgroup = Cgroup::load(hierarchies::auto(), format!("{PARENT}/{name}"));
+        kill_procs(&cgroup);
+        if cgroup.delete().is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Whether cgroups with the memory, cpu and pids controllers can be made
+/// here, and why not.
+pub fn probe() -> Result<(), String> {
+    let id = format!("probe-{}", std::process::id());
+    EnvCgroup::create(&id, 128, 128 << 20)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}

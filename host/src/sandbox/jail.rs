@@ -1,0 +1,571 @@
+//! The `jail` sandbox: each environment is the kiln agent in its own
+//! namespaces, root, cgroup, unprivileged uid and seccomp filter (built by
+//! the agent itself, see `runtimes/init/src/jail.rs`), speaking
+//! `runtimes/proto` with this host over a Unix socket. It runs native
+//! `bootstrap`s behind the Lambda Runtime API, and Wasm components with the
+//! agent's own wasmtime.
+//!
+//! Lifecycle of one environment, in order: a cgroup, a socket pair, the
+//! agent started as root with the socket as descriptor 3 (from a dedicated
+//! spawner thread, so that its parent-death signal ties it to the server's
+//! life rather than to a worker thread's); `Hello`, `Configure`; init;
+//! invocations; on drop, every process of the cgroup killed, the agent
+//! reaped, the cgroup removed. Mounts die with the environment's mount
+//! namespace; its directory is removed by the data plane.
+//!
+//! Threat model: the agent and everything in the jail may be hostile once
+//! the function runs. The host bounds every frame it reads (the protocol
+//! validates), bounds every wait by the invocation's deadline, and kills the
+//! whole cgroup on any doubt.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use kiln_proto::asynchronous::{read_message, write_message};
+use kiln_proto::{AgentMessage, Config, HostMessage, Invocation, JailSpec, Mode, PROTOCOL_VERSION};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::cgroup::EnvCgroup;
+use super::{
+    CodeSpec, EnvironmentSpec, ExecutionEnvironment, InitReport, InvocationReport,
+    InvocationRequest, Outcome, PreparedCode, Sandbox, SandboxError, SandboxKind,
+};
+use crate::control::runtimes::{self, Family};
+
+/// The agent, built for musl and embedded at build time (see `build.rs`).
+pub static AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln-agent"));
+
+/// Extra memory a Wasm environment's cgroup allows for the agent's engine
+/// on top of the function's MemorySize (the component itself is held to
+/// MemorySize by wasmtime).
+const WASM_ENGINE_OVERHEAD: u64 = 96 << 20;
+/// First uid (and gid) functions run as; each environment gets its own.
+const FIRST_UID: u32 = 100_000;
+const UIDS: u32 = 60_000;
+
+/// Writes the embedded agent to `dir` (once per content) and returns its
+/// path.
+pub fn install_agent(dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, AGENT);
+    let name = format!(
+        "kiln-agent-{}",
+        &crate::store::artifacts::hex(digest.as_ref())[..16]
+    );
+    let path = dir.join(name);
+    if !path.is_file() {
+        let tmp = dir.join(format!(".tmp-agent-{}", std::process::id()));
+        std::fs::write(&tmp, AGENT)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(path)
+}
+
+type SpawnReply = std::io::Result<Child>;
+
+/// Starts agents from one long-lived thread: a child's parent-death signal
+/// fires when the thread that forked it ends.
+struct Spawner {
+    requests: std::sync::Mutex<mpsc::Sender<(Command, mpsc::Sender<SpawnReply>)>>,
+}
+
+impl Spawner {
+    fn start() -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<SpawnReply>)>();
+        std::thread::Builder::new()
+            .name("kiln-spawner".into())
+            .spawn(move || {
+                while let Ok((mut command, reply)) = rx.recv() {
+                    let _ = reply.send(command.spawn());
+                }
+            })?;
+        Ok(Self {
+            requests: std::sync::Mutex::new(tx),
+        })
+    }
+
+    async fn spawn(&self, command: Command) -> std::io::Result<Child> {
+        let (tx, rx) = mpsc::channel();
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((command, tx))
+            .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+        tokio::task::spawn_blocking(move || rx.recv())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+    }
+}
+
+/// The jail sandbox.
+pub struct JailSandbox {
+    agent: PathBuf,
+    wasm: Arc<kiln_wasm::Runtime>,
+    spawner: Spawner,
+    next_uid: AtomicU32,
+}
+
+impl std::fmt::Debug for JailSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JailSandbox")
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a jailed environment runs.
+enum JailCode {
+    Native,
+    Wasm {
+        component: String,
+        precompiled: Option<PathBuf>,
+    },
+}
+
+impl JailSandbox {
+    /// A sandbox running `agent`; Wasm code is compiled (and validated) on
+    /// the host by `wasm`, whose compiled files environments then share.
+    pub fn new(agent: PathBuf, wasm: Arc<kiln_wasm::Runtime>) -> std::io::Result<Self> {
+        Ok(Self {
+            agent,
+            wasm,
+            spawner: Spawner::start()?,
+            next_uid: AtomicU32::new(0),
+        })
+    }
+
+    /// Builds a throwaway jail around a function with no bootstrap: success
+    /// is the agent reporting exactly that, from inside a finished jail.
+    pub async fn probe(&self, scratch: &Path) -> Result<(), String> {
+        let task = scratch.join("probe-task");
+        std::fs::create_dir_all(&task).map_err(|e| format!("probe directory: {e}"))?;
+        let spec = EnvironmentSpec {
+            memory_mb: 128,
+            env: Vec::new(),
+            task_dir: task,
+            opt_dir: None,
+            tmp_dir: scratch.join("probe-tmp"),
+            env_dir: scratch.to_path_buf(),
+            ephemeral_mb: 16,
+            log_capacity: 4096,
+        };
+        let code = PreparedCode::new(SandboxKind::Jail, JailCode::Native);
+        let mut env = self.create(&code, spec).await.map_err(|e| e.to_string())?;
+        let init = env.init(Duration::from_secs(10)).await;
+        match init.error {
+            Some(Outcome::Failed { error_type, .. })
+                if error_type == "Runtime.InvalidEntrypoint" =>
+            {
+                Ok(())
+            }
+            Some(Outcome::Failed { message, .. }) => Err(message),
+            other => Err(format!("unexpected probe result: {other:?}")),
+        }
+    }
+}
+
+#[async_trait]
+impl Sandbox for JailSandbox {
+    fn kind(&self) -> SandboxKind {
+        SandboxKind::Jail
+    }
+
+    async fn prepare(&self, code: &CodeSpec) -> Result<PreparedCode, SandboxError> {
+        let family = runtimes::lookup(&code.runtime).map(|r| r.family);
+        match family {
+            Some(Family::Native) => Ok(PreparedCode::new(SandboxKind::Jail, JailCode::Native)),
+            Some(Family::Wasm) => {
+                // Validate and compile on the host, as in-process Wasm does;
+                // environments load the compiled file read-only.
+                let host = super::wasm::WasmSandbox::new(self.wasm.clone());
+                host.prepare(code).await?;
+                let rel = crate::store::artifacts::safe_relative(&code.handler)
+                    .ok_or_else(|| SandboxError::InvalidCode("invalid Handler path".into()))?;
+                Ok(PreparedCode::new(
+                    SandboxKind::Jail,
+                    JailCode::Wasm {
+                        component: Path::new("/var/task").join(rel).display().to_string(),
+                        precompiled: self.wasm.cached_path(&code.key),
+                    },
+                ))
+            }
+            None => Err(SandboxError::InvalidCode(format!(
+                "unknown runtime {}",
+                code.runtime
+            ))),
+        }
+    }
+
+    async fn create(
+        &self,
+        code: &PreparedCode,
+        spec: EnvironmentSpec,
+    ) -> Result<Box<dyn ExecutionEnvironment>, SandboxError> {
+        let code: &JailCode = code
+            .downcast(SandboxKind::Jail)
+            .ok_or_else(|| SandboxError::Internal("code prepared by another sandbox".into()))?;
+        let internal =
+            |what: &str, e: &dyn std::fmt::Display| SandboxError::Internal(format!("{what}: {e}"));
+        let id = spec.env_dir.file_name().map_or_else(
+            || uuid::Uuid::new_v4().simple().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let uid = FIRST_UID + self.next_uid.fetch_add(1, Ordering::Relaxed) % UIDS;
+        let memory = u64::from(spec.memory_mb) << 20;
+        let (mode, precompiled, limit) = match code {
+            JailCode::Native => (Mode::Bootstrap, None, memory),
+            JailCode::Wasm {
+                component,
+                precompiled,
+            } => (
+                Mode::Wasm {
+                    component: component.clone(),
+                    precompiled: precompiled
+                        .as_ref()
+                        .map(|_| "/var/runtime/function.cwasm".to_owned()),
+                },
+                precompiled.clone(),
+                memory + WASM_ENGINE_OVERHEAD,
+            ),
+        };
+        let cgroup = tokio::task::spawn_blocking({
+            let (id, memory_mb) = (id.clone(), spec.memory_mb);
+            move || EnvCgroup::create(&id, memory_mb, limit)
+        })
+        .await
+        .map_err(|e| internal("cgroup task", &e))?
+        .map_err(|e| internal("cgroup", &e))?;
+        let root = spec.env_dir.join("root");
+        std::fs::create_dir_all(&root).map_err(|e| internal("jail root", &e))?;
+        let config = Config {
+            function_name: var(&spec.env, "AWS_LAMBDA_FUNCTION_NAME"),
+            function_version: var(&spec.env, "AWS_LAMBDA_FUNCTION_VERSION"),
+            memory_mb: spec.memory_mb,
+            env: spec.env.clone(),
+            mode,
+            jail: Some(JailSpec {
+                root: root.display().to_string(),
+                task_dir: spec.task_dir.display().to_string(),
+                opt_dir: spec.opt_dir.as_ref().map(|p| p.display().to_string()),
+                precompiled: precompiled.map(|p| p.display().to_string()),
+                tmp_mb: spec.ephemeral_mb,
+                uid,
+                gid: uid,
+                cgroup_procs: cgroup.procs_files(),
+                nofile: 1024,
+            }),
+            log_capacity: spec.log_capacity.min(kiln_proto::MAX_LOG - 4096) as u32,
+        };
+
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| internal("socket pair", &e))?;
+        let theirs = OwnedFd::from(theirs);
+        let mut command = Command::new(&self.agent);
+        command
+            .args(["--channel-fd", "3"])
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let fd = theirs.as_raw_fd();
+        // SAFETY: the closure runs between fork and exec and makes only
+        // async-signal-safe calls (dup2, fcntl, prctl) on integers.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(fd, 3) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let flags = libc::fcntl(3, libc::F_GETFD);
+                libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                // Dies with the server.
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                Ok(())
+            });
+        }
+        let child =
+            self.spawner.spawn(command).await.map_err(|e| {
+                internal(&format!("starting the agent {}", self.agent.display()), &e)
+            })?;
+        drop(theirs);
+        ours.set_nonblocking(true)
+            .map_err(|e| internal("socket", &e))?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(|e| internal("socket", &e))?;
+        let (reader, writer) = stream.into_split();
+        let mut env = JailEnvironment {
+            reader,
+            writer,
+            child: Some(child),
+            cgroup: Some(cgroup),
+            failed: false,
+            log_capacity: spec.log_capacity,
+        };
+        let greeted = async {
+            write_message(
+                &mut env.writer,
+                &HostMessage::Hello {
+                    version: PROTOCOL_VERSION,
+                },
+            )
+            .await?;
+            match read_message::<AgentMessage>(&mut env.reader).await? {
+                AgentMessage::Hello { version } if version == PROTOCOL_VERSION => {}
+                AgentMessage::Hello { version } => {
+                    return Err(kiln_proto::ProtoError::Version { theirs: version });
+                }
+                other => {
+                    return Err(kiln_proto::ProtoError::Invalid(format!(
+                        "expected Hello, got {other:?}"
+                    )));
+                }
+            }
+            write_message(&mut env.writer, &HostMessage::Configure(Box::new(config))).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), greeted).await {
+            Ok(Ok(())) => Ok(Box::new(env)),
+            Ok(Err(e)) => Err(internal("agent", &e)),
+            Err(_) => Err(SandboxError::Internal(
+                "the agent did not answer within 10 s".into(),
+            )),
+        }
+    }
+}
+
+fn var(env: &[(String, String)], name: &str) -> String {
+    env.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+/// One jailed environment.
+struct JailEnvironment {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    child: Option<Child>,
+    cgroup: Option<EnvCgroup>,
+    failed: bool,
+    log_capacity: usize,
+}
+
+impl JailEnvironment {
+    fn peak_memory(&self) -> u64 {
+        self.cgroup
+            .as_ref()
+            .and_then(EnvCgroup::peak_memory)
+            .unwrap_or(0)
+    }
+
+    /// Ends the environment now: every process of its cgroup.
+    fn kill(&mut self) {
+        self.failed = true;
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill_all();
+        }
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+        }
+    }
+
+    fn truncate_logs(&self, mut logs: Vec<u8>) -> Vec<u8> {
+        logs.truncate(self.log_capacity + 256);
+        logs
+    }
+}
+
+#[async_trait]
+impl ExecutionEnvironment for JailEnvironment {
+    async fn init(&mut self, timeout: Duration) -> InitReport {
+        let start = Instant::now();
+        let result =
+            tokio::time::timeout(timeout, read_message::<AgentMessage>(&mut self.reader)).await;
+        let (error, logs) = match result {
+            Ok(Ok(AgentMessage::Ready { logs })) => (None, logs),
+            Ok(Ok(AgentMessage::InitFailed {
+                error_type,
+                message,
+                logs,
+            })) => (
+                Some(Outcome::Failed {
+                    error_type,
+                    message,
+                }),
+                logs,
+            ),
+            Ok(Ok(other)) => (
+                Some(Outcome::Failed {
+                    error_type: "Runtime.Unavailable".into(),
+                    message: format!("the environment sent {other:?} during init"),
+                }),
+                Vec::new(),
+            ),
+            Ok(Err(e)) => (
+                Some(Outcome::Failed {
+                    error_type: "Runtime.Unavailable".into(),
+                    message: format!("the environment failed during init: {e}"),
+                }),
+                Vec::new(),
+            ),
+            Err(_) => (
+                Some(Outcome::Failed {
+                    error_type: "Runtime.InitTimeout".into(),
+                    message: format!("Init timed out after {:.2} seconds", timeout.as_secs_f64()),
+                }),
+                Vec::new(),
+            ),
+        };
+        if error.is_some() {
+            self.kill();
+        }
+        InitReport {
+            error,
+            logs: self.truncate_logs(logs),
+            duration: start.elapsed(),
+        }
+    }
+
+    async fn invoke(&mut self, request: &InvocationRequest) -> InvocationReport {
+        let start = Instant::now();
+        let failed = |error_type: &str, message: String| Outcome::Failed {
+            error_type: error_type.to_owned(),
+            message,
+        };
+        if self.failed {
+            return InvocationReport {
+                outcome: failed(
+                    "Runtime.Unavailable",
+                    format!(
+                        "RequestId: {} Error: the environment failed earlier",
+                        request.request_id
+                    ),
+                ),
+                logs: Vec::new(),
+                duration: Duration::ZERO,
+                max_memory_bytes: 0,
+            };
+        }
+        let deadline_ms = SystemTime::now()
+            .checked_add(request.timeout)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        let invocation = Invocation {
+            request_id: request.request_id.clone(),
+            deadline_ms,
+            invoked_function_arn: request.invoked_function_arn.clone(),
+            trace_id: request.trace_id.clone(),
+            client_context: None,
+            cognito_identity: None,
+            payload: request.payload.to_vec(),
+        };
+        let exchange = async {
+            write_message(&mut self.writer, &HostMessage::Invoke(Box::new(invocation))).await?;
+            loop {
+                match read_message::<AgentMessage>(&mut self.reader).await? {
+                    AgentMessage::Result(r) if r.request_id == request.request_id => return Ok(*r),
+                    AgentMessage::Result(_) => continue,
+                    AgentMessage::Fatal { message } => {
+                        return Err(kiln_proto::ProtoError::Invalid(format!(
+                            "the agent failed: {message}"
+                        )));
+                    }
+                    other => {
+                        return Err(kiln_proto::ProtoError::Invalid(format!(
+                            "unexpected {other:?}"
+                        )));
+                    }
+                }
+            }
+        };
+        let result = tokio::time::timeout(request.timeout, exchange).await;
+        let (outcome, logs) = match result {
+            Ok(Ok(r)) => {
+                let outcome = match r.outcome {
+                    kiln_proto::Outcome::Response(p) => Outcome::Response(p),
+                    kiln_proto::Outcome::FunctionError { error_type, body } => {
+                        Outcome::FunctionError { error_type, body }
+                    }
+                    kiln_proto::Outcome::Failed {
+                        error_type,
+                        message,
+                    } => Outcome::Failed {
+                        error_type,
+                        message,
+                    },
+                };
+                (outcome, r.logs)
+            }
+            Ok(Err(e)) => (
+                failed(
+                    "Runtime.Unavailable",
+                    format!(
+                        "RequestId: {} Error: the environment failed: {e}",
+                        request.request_id
+                    ),
+                ),
+                Vec::new(),
+            ),
+            Err(_) => (
+                failed(
+                    "Sandbox.Timedout",
+                    format!(
+                        "RequestId: {} Error: Task timed out after {:.2} seconds",
+                        request.request_id,
+                        request.timeout.as_secs_f64()
+                    ),
+                ),
+                Vec::new(),
+            ),
+        };
+        let max_memory_bytes = self.peak_memory();
+        if matches!(outcome, Outcome::Failed { .. }) {
+            self.kill();
+        }
+        InvocationReport {
+            outcome,
+            logs: self.truncate_logs(logs),
+            duration: start.elapsed(),
+            max_memory_bytes,
+        }
+    }
+
+    fn is_reusable(&self) -> bool {
+        !self.failed
+    }
+}
+
+impl Drop for JailEnvironment {
+    fn drop(&mut self) {
+        self.kill();
+        let child = self.child.take();
+        let cgroup = self.cgroup.take();
+        // Reaping and removing the cgroup can block briefly; never on an
+        // async worker.
+        let finish = move || {
+            if let Some(mut child) = child {
+                let _ = child.wait();
+            }
+            drop(cgroup);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(finish);
+            }
+            Err(_) => finish(),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! kiln's environment agent.
+//!
+//! One static binary for both kinds of environment. Started by kiln with
+//! `--channel-fd N` (the jail: a Unix socket inherited as descriptor N), it
+//! greets the host, receives the environment's configuration, builds the
+//! jail when the configuration asks for one, then serves the function (see
+//! `agent`). Steps, in order: `main` (channel, hello, configure) -> `jail`
+//! -> `seccomp` -> `agent` (init, invocations) with `runtime_api`,
+//! `bootstrap`, `logs` and `wasm`.
+
+mod agent;
+mod bootstrap;
+mod jail;
+mod logs;
+mod runtime_api;
+mod seccomp;
+mod wasm;
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, RawFd};
+use std::process::ExitCode;
+
+use kiln_proto::{AgentMessage, HostMessage, PROTOCOL_VERSION, read_message, write_message};
+
+fn usage() -> ExitCode {
+    eprintln!("usage: kiln-agent --channel-fd N   (started by kiln, not by hand)");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let fd: RawFd = match args.as_slice() {
+        [_, flag, n] if flag == "--channel-fd" => match n.parse() {
+            Ok(n) if n > 2 => n,
+            _ => return usage(),
+        },
+        _ => return usage(),
+    };
+    // SAFETY: kiln passes this descriptor open and owned by this process;
+    // nothing else in the agent uses the number.
+    let channel = unsafe { File::from_raw_fd(fd) };
+    match run(channel) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(mut channel: File) -> Result<(), String> {
+    write_message(
+        &mut channel,
+        &AgentMessage::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    match read_message::<HostMessage>(&mut channel).map_err(|e| e.to_string())? {
+        HostMessage::Hello { version } if version == PROTOCOL_VERSION => {}
+        HostMessage::Hello { version } => {
+            return Err(format!(
+                "the host speaks protocol {version}, not {PROTOCOL_VERSION}"
+            ));
+        }
+        other => return Err(format!("expected Hello, got {other:?}")),
+    }
+    let config = match read_message::<HostMessage>(&mut channel).map_err(|e| e.to_string())? {
+        HostMessage::Configure(c) => *c,
+        other => return Err(format!("expected Configure, got {other:?}")),
+    };
+    if let Some(spec) = &config.jail
+        && let Err(e) = jail::enter(spec)
+    {
+        let message = e.to_string();
+        let _ = write_message(
+            &mut channel,
+            &AgentMessage::InitFailed {
+                error_type: "Sandbox.Failure".into(),
+                message: message.clone(),
+                logs: Vec::new(),
+            },
+        );
+        return Err(message);
+    }
+    // From here on: inside the environment, unprivileged and filtered.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    runtime.block_on(async move {
+        channel
+            .set_nonblocking_compat()
+            .map_err(|e| format!("channel: {e}"))?;
+        let stream = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(channel));
+        let stream =
+            tokio::net::UnixStream::from_std(stream).map_err(|e| format!("channel: {e}"))?;
+        let (reader, writer) = stream.into_split();
+        agent::run(config, reader, writer)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// `File` has no `set_nonblocking`; the channel is a socket, which does.
+trait NonBlocking {
+    fn set_nonblocking_compat(&self) -> std::io::Result<()>;
+}
+
+impl NonBlocking for File {
+    fn set_nonblocking_compat(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on a descriptor this File owns.
+        let flags = unsafe { libc::fcntl(self.as_raw_fd(), libc::F_GETFL) };
+        if flags == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(self.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
