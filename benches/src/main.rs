@@ -70,6 +70,7 @@ fn main() -> Result<()> {
     let hello = std::fs::read(kiln_test_support::wasm_function("hello"))
         .context("building examples/hello")?;
     let hello_zip = kiln::package::pack_component(&hello)?;
+    let native_zip = native_hello().context("building examples/hello as a native bootstrap")?;
 
     // The server gets its own runtime and threads, as it would in its own
     // process; the load generator runs on the main thread's runtime.
@@ -265,6 +266,50 @@ fn main() -> Result<()> {
             latency_us: Summary::of(&starts),
             throughput_rps: None,
         });
+        // Native custom runtime in the jail: the same handler built as a
+        // bootstrap. A cold start here is a new environment: namespaces,
+        // pivot_root, cgroup, the agent, the bootstrap's first /next.
+        let native_cold = (50 / scale).max(3);
+        let mut first = Vec::with_capacity(native_cold);
+        let mut jail_missing = None;
+        for i in 0..native_cold {
+            let name = format!("native-cold-{i}");
+            if let Err(e) =
+                deploy_as(&http, &name, &native_zip, "provided.al2023", "bootstrap").await
+            {
+                jail_missing = Some(e);
+                break;
+            }
+            let t = Instant::now();
+            http.invoke_once(&name, event).await?;
+            first.push(t.elapsed());
+        }
+        if let Some(why) = jail_missing {
+            eprintln!("skipping the native jail scenarios: {why:#}");
+        } else {
+            scenarios.push(Scenario {
+                name: "native-jail-cold-start",
+                description: "first Invoke of a new native function (examples/hello built with kiln build --native) in the jail sandbox, over HTTP",
+                workload: "examples/hello (native)",
+                payload_bytes: event.len(),
+                concurrency: 1,
+                samples: first.len(),
+                latency_us: Summary::of(&first),
+                throughput_rps: None,
+            });
+            let n = 10_000 / scale;
+            let (samples, elapsed) = http.invoke_loop("native-cold-0", event, 200, n).await?;
+            scenarios.push(Scenario {
+                name: "native-jail-warm-invoke-http",
+                description: "warm Invoke of a native function in the jail over HTTP/1.1 keep-alive on loopback, closed loop (host -> agent -> Runtime API -> bootstrap and back)",
+                workload: "examples/hello (native)",
+                payload_bytes: event.len(),
+                concurrency: 1,
+                samples: samples.len(),
+                latency_us: Summary::of(&samples),
+                throughput_rps: Some(samples.len() as f64 / elapsed.as_secs_f64()),
+            });
+        }
         scenarios.push(Scenario {
             name: "create-function",
             description: "CreateFunction of an already-compiled component (zip upload, validation, store commit)",
@@ -288,11 +333,21 @@ fn main() -> Result<()> {
 }
 
 async fn deploy(http: &Http, name: &str, zip: &[u8]) -> Result<()> {
+    deploy_as(http, name, zip, "wasip2", "function.wasm").await
+}
+
+async fn deploy_as(
+    http: &Http,
+    name: &str,
+    zip: &[u8],
+    runtime: &str,
+    handler: &str,
+) -> Result<()> {
     let body = json!({
         "FunctionName": name,
-        "Runtime": "wasip2",
+        "Runtime": runtime,
         "Role": "arn:aws:iam::000000000000:role/bench",
-        "Handler": "function.wasm",
+        "Handler": handler,
         "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(zip) },
     });
     let (status, body) = http
@@ -305,6 +360,38 @@ async fn deploy(http: &Http, name: &str, zip: &[u8]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `examples/hello` as a native bootstrap zip, built by the `kiln` CLI
+/// (`kiln build --native`) that sits beside this binary.
+fn native_hello() -> Result<Vec<u8>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let root = kiln_test_support::workspace_root();
+    let status = std::process::Command::new(&cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "--locked", "-p", "kiln"])
+        .status()?;
+    if !status.success() {
+        bail!("cargo build -p kiln failed");
+    }
+    let kiln = std::env::current_exe()?
+        .parent()
+        .context("the bench binary has a directory")?
+        .join("kiln");
+    let out = tempfile::tempdir()?;
+    let zip = out.path().join("hello-native.zip");
+    let status = std::process::Command::new(&kiln)
+        .arg("build")
+        .arg("--native")
+        .arg(root.join("examples/hello"))
+        .arg("--output")
+        .arg(&zip)
+        .status()
+        .with_context(|| format!("running {}", kiln.display()))?;
+    if !status.success() {
+        bail!("kiln build --native examples/hello failed");
+    }
+    Ok(std::fs::read(zip)?)
 }
 
 fn conditions(quick: bool) -> Conditions {

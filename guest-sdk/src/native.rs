@@ -80,11 +80,15 @@ impl Api {
             request = request.header("Lambda-Runtime-Function-Error-Type", t);
         }
         match request.send(body) {
-            Ok(r) if r.status().is_success() => {}
-            Ok(r) => eprintln!(
-                "kiln-sdk: the Runtime API answered {} to POST {path}",
-                r.status()
-            ),
+            Ok(mut r) => {
+                // Read to the end: only a finished response lets the
+                // connection go back to the pool for the next `next`.
+                let status = r.status();
+                let _ = r.body_mut().read_to_vec();
+                if !status.is_success() {
+                    eprintln!("kiln-sdk: the Runtime API answered {status} to POST {path}");
+                }
+            }
             Err(e) => {
                 eprintln!("kiln-sdk: POST {path}: {e}");
                 std::process::exit(1);

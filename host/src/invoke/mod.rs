@@ -187,7 +187,9 @@ impl DataPlane {
     /// data plane is dropped.
     pub fn start_reaper(self: &Arc<Self>) {
         let weak: Weak<Self> = Arc::downgrade(self);
-        let period = (self.config.idle_timeout / 4)
+        // Often enough that neither an idle timeout nor a lease of a few
+        // seconds is overshot by much.
+        let period = (self.config.idle_timeout.min(self.config.env_lease) / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(30));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);

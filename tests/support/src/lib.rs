@@ -10,12 +10,25 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
 /// The workspace root.
+///
+/// Found at run time from the package cargo runs (`cargo test`, `cargo run`
+/// set `CARGO_MANIFEST_DIR`) when it can be: a build cache shared between
+/// clones at different paths may hold this crate compiled in another one.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .expect("tests/support sits two levels below the workspace root")
-        .to_path_buf()
+    let runtime = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .and_then(|dir| {
+            dir.ancestors()
+                .find(|d| d.join("Cargo.lock").is_file() && d.join("wit").is_dir())
+                .map(Path::to_path_buf)
+        });
+    runtime.unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .nth(2)
+            .expect("tests/support sits two levels below the workspace root")
+            .to_path_buf()
+    })
 }
 
 /// Builds `package` (a cdylib function crate of this workspace) as a Wasm
