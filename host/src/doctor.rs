@@ -83,7 +83,9 @@ async fn jail(data_dir: &Path) -> SandboxStatus {
         Ok(r) => Arc::new(r),
         Err(e) => return fail(format!("the Wasm engine cannot start: {e}")),
     };
-    let sandbox = match JailSandbox::new(agent, runtime) {
+    // A group of its own: a server may be running on the same data dir.
+    let group = format!("doctor-{}", std::process::id());
+    let sandbox = match JailSandbox::new(agent, runtime, group) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };

@@ -12,6 +12,21 @@ use cli::{Cli, Command, ServeArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A VMM process: its own threads, each with a seccomp filter; no async
+    // runtime (whose threads would have none).
+    let cli = match cli.command {
+        Command::Vmm(args) => {
+            return match cli::vmm::run(args) {
+                Ok(0) => ExitCode::SUCCESS,
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        command => Cli { command },
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -285,9 +285,13 @@ impl Server {
 /// native runtimes, and Wasm when asked to), wasmtime in-process for Wasm.
 async fn sandboxes(config: &ServerConfig, runtime: Arc<Runtime>) -> Result<Sandboxes, StartError> {
     let dir = &config.data_dir;
-    let removed = tokio::task::spawn_blocking(crate::sandbox::cgroup::remove_leftovers)
-        .await
-        .unwrap_or(0);
+    let group = crate::sandbox::cgroup::group_for(dir);
+    let removed = tokio::task::spawn_blocking({
+        let group = group.clone();
+        move || crate::sandbox::cgroup::remove_leftovers(&group)
+    })
+    .await
+    .unwrap_or(0);
     if removed > 0 {
         tracing::info!(
             cgroups = removed,
@@ -297,7 +301,7 @@ async fn sandboxes(config: &ServerConfig, runtime: Arc<Runtime>) -> Result<Sandb
     let jail: Result<Arc<JailSandbox>, String> = async {
         let agent = install_agent(&dir.join("runtime"))
             .map_err(|e| format!("installing the agent: {e}"))?;
-        let jail = JailSandbox::new(agent, runtime.clone()).map_err(|e| e.to_string())?;
+        let jail = JailSandbox::new(agent, runtime.clone(), group).map_err(|e| e.to_string())?;
         let scratch = dir
             .join("envs")
             .join(format!("probe-{}", uuid::Uuid::new_v4().simple()));

@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod client;
+pub mod vmm;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,6 +45,13 @@ pub enum Command {
         #[arg(long)]
         native: bool,
     },
+    /// Run one microVM (started by the server; the channel is an inherited
+    /// descriptor).
+    #[command(
+        hide = true,
+        after_help = "Example:\n  kiln vmm --kernel vmlinux --initrd initramfs.cpio --memory 128 --channel-fd 3"
+    )]
+    Vmm(vmm::VmmArgs),
     /// Say which sandboxes this machine can run, and why not the others.
     #[command(after_help = "Example:\n  kiln doctor --output json")]
     Doctor {
@@ -201,6 +209,7 @@ pub struct InvokeArgs {
 pub async fn run_client(command: Command) -> Result<i32> {
     match command {
         Command::Serve(_) => unreachable!("serve is not a client command"),
+        Command::Vmm(_) => unreachable!("vmm runs without the async runtime"),
         Command::Doctor { data_dir, output } => doctor(&data_dir, output).await,
         Command::Build {
             path,

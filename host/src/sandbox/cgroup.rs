@@ -48,9 +48,15 @@ impl std::fmt::Debug for EnvCgroup {
 }
 
 impl EnvCgroup {
-    /// Creates `kiln/<id>` with the limits of a function of `memory_mb`.
-    pub fn create(id: &str, memory_mb: u32, memory_limit_bytes: u64) -> Result<Self, CgroupError> {
-        let name = format!("{PARENT}/{id}");
+    /// Creates `kiln/<group>/<id>` with the limits of a function of
+    /// `memory_mb`; `group` is the server's (see [`group_for`]).
+    pub fn create(
+        group: &str,
+        id: &str,
+        memory_mb: u32,
+        memory_limit_bytes: u64,
+    ) -> Result<Self, CgroupError> {
+        let name = format!("{PARENT}/{group}/{id}");
         let err = |message: String| CgroupError {
             path: name.clone(),
             message,
@@ -172,14 +178,29 @@ impl Drop for EnvCgroup {
     }
 }
 
-/// Removes cgroups a dead server left under `kiln/`, killing what runs in
-/// them. Returns how many were removed.
-pub fn remove_leftovers() -> usize {
+/// The cgroup group of the server whose data dir is `data_dir`: servers
+/// with other data dirs may run beside it, and their cgroups are theirs.
+pub fn group_for(data_dir: &Path) -> String {
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        data_dir.as_os_str().as_encoded_bytes(),
+    );
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("d{hex}")
+}
+
+/// Removes cgroups a dead server of the same data dir left under
+/// `kiln/<group>/`, killing what runs in them. (The data dir is locked, so
+/// no live server owns them.) Returns how many were removed.
+pub fn remove_leftovers(group: &str) -> usize {
     let hier = hierarchies::auto();
     let mut names = std::collections::BTreeSet::new();
     for subsystem in hier.subsystems() {
         let dir: &Path = subsystem.to_controller().path();
-        let parent = dir.join(PARENT);
+        let parent = dir.join(PARENT).join(group);
         if let Ok(entries) = fs::read_dir(&parent) {
             for e in entries.flatten() {
                 if e.path().is_dir() {
@@ -190,7 +211,7 @@ pub fn remove_leftovers() -> usize {
     }
     let mut removed = 0;
     for name in names {
-        let cgroup = Cgroup::load(hierarchies::auto(), format!("{PARENT}/{name}"));
+        let cgroup = Cgroup::load(hierarchies::auto(), format!("{PARENT}/{group}/{name}"));
         kill_procs(&cgroup);
         if cgroup.delete().is_ok() {
             removed += 1;
@@ -203,7 +224,7 @@ pub fn remove_leftovers() -> usize {
 /// here, and why not.
 pub fn probe() -> Result<(), String> {
     let id = format!("probe-{}", std::process::id());
-    EnvCgroup::create(&id, 128, 128 << 20)
+    EnvCgroup::create("probes", &id, 128, 128 << 20)
         .map(drop)
         .map_err(|e| e.to_string())
 }

@@ -113,6 +113,7 @@ pub struct JailSandbox {
     wasm: Arc<kiln_wasm::Runtime>,
     spawner: Spawner,
     next_uid: AtomicU32,
+    cgroup_group: String,
 }
 
 impl std::fmt::Debug for JailSandbox {
@@ -135,9 +136,16 @@ enum JailCode {
 impl JailSandbox {
     /// A sandbox running `agent`; Wasm code is compiled (and validated) on
     /// the host by `wasm`, whose compiled files environments then share.
-    pub fn new(agent: PathBuf, wasm: Arc<kiln_wasm::Runtime>) -> std::io::Result<Self> {
+    ///
+    /// Its cgroups live under `kiln/<cgroup_group>/`.
+    pub fn new(
+        agent: PathBuf,
+        wasm: Arc<kiln_wasm::Runtime>,
+        cgroup_group: String,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             agent,
+            cgroup_group,
             wasm,
             spawner: Spawner::start()?,
             next_uid: AtomicU32::new(0),
@@ -240,7 +248,8 @@ impl Sandbox for JailSandbox {
         };
         let cgroup = tokio::task::spawn_blocking({
             let (id, memory_mb) = (id.clone(), spec.memory_mb);
-            move || EnvCgroup::create(&id, memory_mb, limit)
+            let group = self.cgroup_group.clone();
+            move || EnvCgroup::create(&group, &id, memory_mb, limit)
         })
         .await
         .map_err(|e| internal("cgroup task", &e))?
