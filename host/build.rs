@@ -23,13 +23,12 @@ fn main() {
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let workspace = manifest_dir.parent().expect("host/ sits in the workspace");
+    // Relative to this package: a build cache shared by checkouts at other
+    // paths must watch this checkout's sources, not the last one's.
     for dir in ["runtimes/init", "runtimes/proto", "runtimes/wasm", "wit"] {
-        println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
+        println!("cargo:rerun-if-changed=../{dir}");
     }
-    println!(
-        "cargo:rerun-if-changed={}",
-        workspace.join("Cargo.lock").display()
-    );
+    println!("cargo:rerun-if-changed=../Cargo.lock");
 
     // A target dir of its own: the outer build holds the lock on its own.
     // Kept next to the outer one (OUT_DIR is <target>/<profile>/build/<pkg>/out)

@@ -19,6 +19,7 @@ step "Debian packages"
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v musl-gcc >/dev/null || need+=(musl-tools)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if ((${#need[@]})); then
@@ -32,6 +33,11 @@ rustup show active-toolchain
 step "Python clients (target/venv)"
 python3 -m venv target/venv
 target/venv/bin/pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+step "guest kernel for microVMs (cached by its config hash; ~5 min when built)"
+KILN_GUEST_KERNEL="$(./scripts/build-kernel.sh | tail -n 1)"
+export KILN_GUEST_KERNEL
+echo "$KILN_GUEST_KERNEL"
 
 step "cargo fmt --check"
 cargo fmt --all --check

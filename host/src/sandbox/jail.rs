@@ -274,6 +274,7 @@ impl Sandbox for JailSandbox {
                 nofile: 1024,
             }),
             log_capacity: spec.log_capacity.min(kiln_proto::MAX_LOG - 4096) as u32,
+            tmp_mb: spec.ephemeral_mb,
         };
 
         let (ours, theirs) =

@@ -9,6 +9,7 @@
 
 pub mod boot;
 pub mod devices;
+pub mod initramfs;
 pub mod layout;
 pub mod seccomp;
 pub mod virtio;

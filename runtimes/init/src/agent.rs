@@ -63,7 +63,7 @@ where
                 write_message(&mut writer, &AgentMessage::Result(Box::new(result))).await?;
             }
             HostMessage::Shutdown => break,
-            HostMessage::Hello { .. } | HostMessage::Configure(_) => {
+            HostMessage::Hello { .. } | HostMessage::Configure(_) | HostMessage::PutFile(_) => {
                 write_message(
                     &mut writer,
                     &AgentMessage::Fatal {

@@ -14,6 +14,7 @@ mod jail;
 mod logs;
 mod runtime_api;
 mod seccomp;
+mod vm;
 mod wasm;
 
 use std::fs::File;
@@ -28,6 +29,17 @@ fn usage() -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    if vm::is_init() {
+        // PID 1 of a microVM: there is nobody to return an exit code to.
+        let outcome = vm::setup().and_then(|tty| {
+            let channel = vm::bridge(tty).map_err(|e| format!("channel: {e}"))?;
+            run(File::from(std::os::fd::OwnedFd::from(channel)), true)
+        });
+        if let Err(e) = outcome {
+            eprintln!("kiln-agent: {e}");
+        }
+        vm::power_off();
+    }
     let args: Vec<String> = std::env::args().collect();
     let fd: RawFd = match args.as_slice() {
         [_, flag, n] if flag == "--channel-fd" => match n.parse() {
@@ -39,7 +51,7 @@ fn main() -> ExitCode {
     // SAFETY: kiln passes this descriptor open and owned by this process;
     // nothing else in the agent uses the number.
     let channel = unsafe { File::from_raw_fd(fd) };
-    match run(channel) {
+    match run(channel, false) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kiln-agent: {e}");
@@ -48,7 +60,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(mut channel: File) -> Result<(), String> {
+fn run(mut channel: File, in_vm: bool) -> Result<(), String> {
     write_message(
         &mut channel,
         &AgentMessage::Hello {
@@ -65,10 +77,20 @@ fn run(mut channel: File) -> Result<(), String> {
         }
         other => return Err(format!("expected Hello, got {other:?}")),
     }
-    let config = match read_message::<HostMessage>(&mut channel).map_err(|e| e.to_string())? {
-        HostMessage::Configure(c) => *c,
-        other => return Err(format!("expected Configure, got {other:?}")),
+    // A microVM's agent receives the code first; a jail's mounts it.
+    let config = loop {
+        match read_message::<HostMessage>(&mut channel).map_err(|e| e.to_string())? {
+            HostMessage::Configure(c) => break *c,
+            HostMessage::PutFile(piece) if in_vm => vm::put_file(&piece)?,
+            other => return Err(format!("expected Configure, got {other:?}")),
+        }
     };
+    if in_vm {
+        if config.jail.is_some() {
+            return Err("a microVM's agent does not build a jail".into());
+        }
+        vm::seal(config.tmp_mb)?;
+    }
     if let Some(spec) = &config.jail
         && let Err(e) = jail::enter(spec)
     {

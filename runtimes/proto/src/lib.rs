@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame body: a 6 MB payload plus headers and logs.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
@@ -74,6 +74,9 @@ pub enum HostMessage {
         /// [`PROTOCOL_VERSION`].
         version: u32,
     },
+    /// A piece of a code or layer file, before `Configure`, for an agent
+    /// that has no host directories to mount (a microVM's).
+    PutFile(Box<FilePiece>),
     /// The environment to set up and initialize.
     Configure(Box<Config>),
     /// One invocation.
@@ -127,6 +130,48 @@ pub enum Mode {
     },
 }
 
+/// Where a [`FilePiece`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CodeRoot {
+    /// `/var/task`.
+    Task,
+    /// `/opt` (the merged layers).
+    Opt,
+}
+
+/// Most bytes of a file in one [`FilePiece`]; larger files come in pieces.
+pub const MAX_PIECE: usize = 4 * 1024 * 1024;
+/// Longest relative path of a code file.
+pub const MAX_PATH: usize = 4096;
+
+/// Part of a file of the function's code or layers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePiece {
+    /// Which tree.
+    pub root: CodeRoot,
+    /// Relative path inside it: `/`-separated normal components only.
+    pub path: String,
+    /// Permission bits (executable or not).
+    pub mode: u32,
+    /// Whether this piece continues the file (else it starts it).
+    pub append: bool,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+impl FilePiece {
+    /// Whether `path` is a safe relative path: no root, no `..` or `.`,
+    /// no empty component, no NUL.
+    pub fn path_is_safe(path: &str) -> bool {
+        !path.is_empty()
+            && path.len() <= MAX_PATH
+            && !path.contains('\0')
+            && path
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..")
+    }
+}
+
 /// How to build a jail (absent in a microVM, which is its own boundary).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JailSpec {
@@ -167,6 +212,8 @@ pub struct Config {
     pub jail: Option<JailSpec>,
     /// Most log bytes per invocation.
     pub log_capacity: u32,
+    /// Size of `/tmp` in MiB where the agent mounts it itself (a microVM).
+    pub tmp_mb: u32,
 }
 
 /// One invocation.
@@ -256,6 +303,18 @@ impl Validate for HostMessage {
         match self {
             HostMessage::Hello { .. } | HostMessage::Shutdown => Ok(()),
             HostMessage::Configure(c) => c.validate(),
+            HostMessage::PutFile(p) => {
+                if !FilePiece::path_is_safe(&p.path) {
+                    return Err(ProtoError::Invalid(format!(
+                        "file path {:?} is not a safe relative path",
+                        p.path.chars().take(200).collect::<String>()
+                    )));
+                }
+                if p.mode & !0o777 != 0 {
+                    return Err(ProtoError::Invalid(format!("file mode {:o}", p.mode)));
+                }
+                check_bytes("file piece", &p.data, MAX_PIECE)
+            }
             HostMessage::Invoke(i) => i.validate(),
         }
     }
@@ -310,6 +369,9 @@ impl Validate for Config {
             if j.uid == 0 || j.gid == 0 {
                 return Err(ProtoError::Invalid("a function never runs as root".into()));
             }
+        }
+        if self.tmp_mb > 10240 {
+            return Err(ProtoError::Invalid("/tmp over 10240 MiB".into()));
         }
         if self.log_capacity as usize > MAX_LOG {
             return Err(ProtoError::Invalid("log capacity over the limit".into()));
@@ -455,6 +517,51 @@ pub mod asynchronous {
 mod tests {
     use super::*;
 
+    #[test]
+    fn file_pieces_take_only_safe_relative_paths() {
+        let piece = |path: &str| {
+            HostMessage::PutFile(Box::new(FilePiece {
+                root: CodeRoot::Task,
+                path: path.into(),
+                mode: 0o755,
+                append: false,
+                data: b"#!".to_vec(),
+            }))
+        };
+        for good in ["bootstrap", "lib/x.so", "a/b/c"] {
+            assert!(
+                decode::<HostMessage>(&encode(&piece(good)).unwrap()[4..]).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "./a",
+            "a/",
+            "a\0b",
+        ] {
+            assert!(encode(&piece(bad)).is_err(), "{bad:?}");
+        }
+        let mut big = FilePiece {
+            root: CodeRoot::Opt,
+            path: "big".into(),
+            mode: 0o644,
+            append: true,
+            data: vec![0; MAX_PIECE + 1],
+        };
+        assert!(encode(&HostMessage::PutFile(Box::new(big.clone()))).is_err());
+        big.data.truncate(MAX_PIECE);
+        big.mode = 0o4755;
+        assert!(
+            encode(&HostMessage::PutFile(Box::new(big))).is_err(),
+            "setuid refused"
+        );
+    }
+
     fn config() -> Config {
         Config {
             function_name: "f".into(),
@@ -474,6 +581,7 @@ mod tests {
                 nofile: 1024,
             }),
             log_capacity: 1 << 20,
+            tmp_mb: 512,
         }
     }
 
