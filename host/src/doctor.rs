@@ -27,7 +27,7 @@ pub struct DoctorReport {
 }
 
 /// Probes every sandbox, using `data_dir` for scratch space.
-pub async fn examine(data_dir: &Path) -> DoctorReport {
+pub async fn examine(data_dir: &Path, guest_kernel: Option<&Path>) -> DoctorReport {
     let _ = std::fs::create_dir_all(data_dir);
     let absolute = data_dir
         .canonicalize()
@@ -52,7 +52,11 @@ pub async fn examine(data_dir: &Path) -> DoctorReport {
         },
     };
     DoctorReport {
-        sandboxes: vec![wasm, jail(data_dir).await, microvm()],
+        sandboxes: vec![
+            wasm,
+            jail(data_dir).await,
+            microvm(data_dir, guest_kernel).await,
+        ],
     }
 }
 
@@ -111,27 +115,59 @@ async fn jail(data_dir: &Path) -> SandboxStatus {
     }
 }
 
-fn microvm() -> SandboxStatus {
+async fn microvm(data_dir: &Path, guest_kernel: Option<&Path>) -> SandboxStatus {
+    let status = |available: bool, detail: String| SandboxStatus {
+        name: "microvm",
+        available,
+        detail,
+    };
     let kvm = Path::new("/dev/kvm");
-    let cpu_flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hardware = cpu_flags
+    if !kvm.exists() {
+        return status(
+            false,
+            "no /dev/kvm on this machine; functions run in jails".into(),
+        );
+    }
+    let hardware = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("flags"))
         .is_some_and(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    let detail = if !kvm.exists() {
-        "no /dev/kvm on this machine".to_owned()
-    } else if !hardware {
-        "/dev/kvm is present but the CPU has no hardware virtualization (no vmx/svm flag): a Linux \
-         guest cannot boot here; functions run in jails instead"
-            .to_owned()
-    } else {
-        "/dev/kvm and hardware virtualization are present, but this kiln release has no microVM \
-         sandbox yet; functions run in jails"
-            .to_owned()
+    let Some(kernel) = guest_kernel else {
+        return status(
+            false,
+            "no guest kernel: build one with scripts/build-kernel.sh and pass --guest-kernel (or \
+             set KILN_GUEST_KERNEL); functions run in jails"
+                .into(),
+        );
     };
-    SandboxStatus {
-        name: "microvm",
-        available: false,
-        detail,
+    let image = match crate::sandbox::microvm::GuestImage::install(
+        &data_dir.join("runtime"),
+        kernel.to_path_buf(),
+    ) {
+        Ok(i) => i,
+        Err(e) => return status(false, format!("writing the guest image: {e}")),
+    };
+    match crate::sandbox::microvm::probe(&image, crate::server::MICROVM_PROBE_DEADLINE).await {
+        Ok(took) => status(
+            true,
+            format!(
+                "a guest booted to its agent in {} ms (kernel {})",
+                took.as_millis(),
+                kernel.display()
+            ),
+        ),
+        Err(why) => status(
+            false,
+            format!(
+                "{why}{}; functions run in jails",
+                if hardware {
+                    ""
+                } else {
+                    " (this CPU has no hardware virtualization, no vmx/svm flag: /dev/kvm is a \
+                     paravirtual KVM that runs small guests but not Linux)"
+                }
+            ),
+        ),
     }
 }

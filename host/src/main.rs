@@ -79,6 +79,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_environments: args.max_environments,
         account_concurrency: args.account_concurrency,
         env_lease: std::time::Duration::from_secs(args.env_lease.max(1)),
+        guest_kernel: args.guest_kernel.clone(),
         wasm_sandbox: if args.wasm_sandbox == "jail" {
             kiln::server::WasmPlacement::Jail
         } else {

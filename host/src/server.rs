@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub log_capacity: usize,
     /// The root access key id, when configured (`KILN_ROOT_ACCESS_KEY_ID`).
     pub root_access_key_id: Option<String>,
+    /// The microVM guest kernel (`vmlinux`); without one, no microVMs.
+    pub guest_kernel: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -76,6 +78,7 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(600),
             log_capacity: 1 << 20,
             root_access_key_id: None,
+            guest_kernel: None,
         }
     }
 }
@@ -281,7 +284,11 @@ impl Server {
     }
 }
 
-/// The sandboxes this host runs: the jail when its probe passes (it runs
+/// How long the microVM probe waits for a guest's agent.
+pub const MICROVM_PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The sandboxes this host runs: microVMs when a guest boots here, else the
+/// jail when its probe passes (it runs
 /// native runtimes, and Wasm when asked to), wasmtime in-process for Wasm.
 async fn sandboxes(config: &ServerConfig, runtime: Arc<Runtime>) -> Result<Sandboxes, StartError> {
     let dir = &config.data_dir;
@@ -301,7 +308,8 @@ async fn sandboxes(config: &ServerConfig, runtime: Arc<Runtime>) -> Result<Sandb
     let jail: Result<Arc<JailSandbox>, String> = async {
         let agent = install_agent(&dir.join("runtime"))
             .map_err(|e| format!("installing the agent: {e}"))?;
-        let jail = JailSandbox::new(agent, runtime.clone(), group).map_err(|e| e.to_string())?;
+        let jail =
+            JailSandbox::new(agent, runtime.clone(), group.clone()).map_err(|e| e.to_string())?;
         let scratch = dir
             .join("envs")
             .join(format!("probe-{}", uuid::Uuid::new_v4().simple()));
@@ -316,19 +324,61 @@ async fn sandboxes(config: &ServerConfig, runtime: Arc<Runtime>) -> Result<Sandb
             tracing::warn!(reason = %why, "jail sandbox unavailable: native runtimes cannot run on this host")
         }
     }
-    let wasm: Arc<dyn Sandbox> = match (config.wasm_sandbox, &jail) {
-        (WasmPlacement::InProcess, _) => Arc::new(WasmSandbox::new(runtime)),
-        (WasmPlacement::Jail, Ok(j)) => j.clone(),
-        (WasmPlacement::Jail, Err(why)) => {
+    let microvm = microvm_sandbox(config, runtime.clone(), group).await;
+    let fallback = if jail.is_ok() { "jail" } else { "none" };
+    match &microvm {
+        Ok(_) => tracing::info!("microvm sandbox available: functions run in microVMs"),
+        Err(why) => tracing::warn!(
+            reason = %why,
+            fallback,
+            "microvm sandbox unavailable: native functions fall back to the jail, Wasm to wasmtime in-process"
+        ),
+    }
+    let wasm: Arc<dyn Sandbox> = match (config.wasm_sandbox, &jail, &microvm) {
+        (WasmPlacement::InProcess, _, Ok(vm)) => vm.clone(),
+        (WasmPlacement::InProcess, _, Err(_)) => Arc::new(WasmSandbox::new(runtime)),
+        (WasmPlacement::Jail, Ok(j), _) => j.clone(),
+        (WasmPlacement::Jail, Err(why), _) => {
             return Err(StartError::Sandbox(format!(
                 "--wasm-sandbox jail: the jail sandbox cannot run here: {why}"
             )));
         }
     };
-    Ok(Sandboxes {
-        wasm,
-        native: jail.map(|j| j as Arc<dyn Sandbox>),
-    })
+    let native = match microvm {
+        Ok(vm) => Ok(vm as Arc<dyn Sandbox>),
+        Err(_) => jail.map(|j| j as Arc<dyn Sandbox>),
+    };
+    Ok(Sandboxes { wasm, native })
+}
+
+/// The microVM sandbox, when a guest kernel is configured and the real
+/// guest image boots to its agent here.
+async fn microvm_sandbox(
+    config: &ServerConfig,
+    runtime: Arc<Runtime>,
+    group: String,
+) -> Result<Arc<dyn Sandbox>, String> {
+    use crate::sandbox::microvm::{GuestImage, MicroVmSandbox};
+    let kernel = config.guest_kernel.clone().ok_or_else(|| {
+        "no guest kernel: build one with scripts/build-kernel.sh and pass --guest-kernel \
+         (or set KILN_GUEST_KERNEL)"
+            .to_owned()
+    })?;
+    if !kernel.is_file() {
+        return Err(format!(
+            "the guest kernel {} does not exist",
+            kernel.display()
+        ));
+    }
+    let image = GuestImage::install(&config.data_dir.join("runtime"), kernel)
+        .map_err(|e| format!("writing the guest image: {e}"))?;
+    let sandbox = MicroVmSandbox::new(image, runtime, group).map_err(|e| e.to_string())?;
+    let booted = sandbox.probe(MICROVM_PROBE_DEADLINE).await?;
+    tracing::info!(
+        boot_ms = booted.as_millis() as u64,
+        "a microVM booted to its agent"
+    );
+    Ok(Arc::new(sandbox))
 }
 
 /// Takes an exclusive lock on the data dir for the life of the server.

@@ -58,6 +58,9 @@ pub enum Command {
         /// Where the probes may write (the server's data dir).
         #[arg(long, env = "KILN_DATA_DIR", default_value = ".kiln")]
         data_dir: PathBuf,
+        /// The microVM guest kernel to try booting.
+        #[arg(long, env = "KILN_GUEST_KERNEL")]
+        guest_kernel: Option<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -155,6 +158,11 @@ pub struct ServeArgs {
     /// `jail` (the agent's wasmtime inside a jail, for defense in depth).
     #[arg(long, value_parser = ["wasm", "jail"], default_value = "wasm")]
     pub wasm_sandbox: String,
+    /// The microVM guest kernel (`vmlinux` from scripts/build-kernel.sh).
+    /// Functions run in microVMs when it boots here; else they fall back
+    /// (see `kiln doctor`).
+    #[arg(long, env = "KILN_GUEST_KERNEL")]
+    pub guest_kernel: Option<PathBuf>,
     /// Multiplies every asynchronous wait (retries, backoff, event age):
     /// 0.01 runs Lambda's minutes in fractions of a second, for tests.
     #[arg(long, default_value_t = 1.0)]
@@ -210,7 +218,11 @@ pub async fn run_client(command: Command) -> Result<i32> {
     match command {
         Command::Serve(_) => unreachable!("serve is not a client command"),
         Command::Vmm(_) => unreachable!("vmm runs without the async runtime"),
-        Command::Doctor { data_dir, output } => doctor(&data_dir, output).await,
+        Command::Doctor {
+            data_dir,
+            guest_kernel,
+            output,
+        } => doctor(&data_dir, guest_kernel, output).await,
         Command::Build {
             path,
             output,
@@ -463,8 +475,12 @@ async fn dlq(command: DlqCommand) -> Result<i32> {
     }
 }
 
-async fn doctor(data_dir: &std::path::Path, output: Output) -> Result<i32> {
-    let report = kiln::doctor::examine(data_dir).await;
+async fn doctor(
+    data_dir: &std::path::Path,
+    guest_kernel: Option<PathBuf>,
+    output: Output,
+) -> Result<i32> {
+    let report = kiln::doctor::examine(data_dir, guest_kernel.as_deref()).await;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Text => {

@@ -3,7 +3,7 @@
 //! `/dev/kvm`, jails itself (namespaces, chroot into an empty directory,
 //! an unprivileged uid, no capabilities), creates the VM, and runs it with
 //! a seccomp filter on every thread. The guest's serial console goes to
-//! stdout at the end (bounded); one JSON line on stderr says how it ended.
+//! stdout as it arrives (bounded); one JSON line on stderr says how it ended.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -43,6 +43,10 @@ pub struct VmmArgs {
     /// No in-kernel interrupt controller (for guests that poll).
     #[arg(long)]
     pub no_irqchip: bool,
+    /// `cgroup.procs` files to enter first, so the whole VM is accounted
+    /// (repeatable).
+    #[arg(long)]
+    pub cgroup_procs: Vec<PathBuf>,
     /// Jail: an empty directory to chroot into before the guest runs.
     #[arg(long)]
     pub jail_dir: Option<PathBuf>,
@@ -55,6 +59,9 @@ pub struct VmmArgs {
 
 /// Runs the VM; the process's exit code.
 pub fn run(args: VmmArgs) -> Result<i32> {
+    for procs in &args.cgroup_procs {
+        std::fs::write(procs, b"0").with_context(|| format!("entering {}", procs.display()))?;
+    }
     let kernel = std::fs::read(&args.kernel)
         .with_context(|| format!("reading the kernel {}", args.kernel.display()))?;
     let initrd = match &args.initrd {
@@ -80,6 +87,7 @@ pub fn run(args: VmmArgs) -> Result<i32> {
         initrd,
         cmdline_extra: args.cmdline.clone(),
         log_max: args.log_max,
+        log_to_stdout: true,
         irqchip: !args.no_irqchip,
         seccomp: true,
     };
@@ -114,9 +122,7 @@ pub fn run(args: VmmArgs) -> Result<i32> {
     // The feeder ends with its socket or the stop flag; it is not joined
     // (a host that keeps the channel open must not hold the VMM up).
     drop(feeder);
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(&stopped.log);
-    let _ = out.flush();
+    // The console went to stdout as it arrived.
     let (reason, code) = match &stopped.reason {
         StopReason::Reset => ("reset", 0),
         StopReason::Halted => ("halted", 0),

@@ -74,12 +74,12 @@ type SpawnReply = std::io::Result<Child>;
 
 /// Starts agents from one long-lived thread: a child's parent-death signal
 /// fires when the thread that forked it ends.
-struct Spawner {
+pub(crate) struct Spawner {
     requests: std::sync::Mutex<mpsc::Sender<(Command, mpsc::Sender<SpawnReply>)>>,
 }
 
 impl Spawner {
-    fn start() -> std::io::Result<Self> {
+    pub(crate) fn start() -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<SpawnReply>)>();
         std::thread::Builder::new()
             .name("kiln-spawner".into())
@@ -93,7 +93,7 @@ impl Spawner {
         })
     }
 
-    async fn spawn(&self, command: Command) -> std::io::Result<Child> {
+    pub(crate) async fn spawn(&self, command: Command) -> std::io::Result<Child> {
         let (tx, rx) = mpsc::channel();
         self.requests
             .lock()
@@ -277,86 +277,119 @@ impl Sandbox for JailSandbox {
             tmp_mb: spec.ephemeral_mb,
         };
 
-        let (ours, theirs) =
-            std::os::unix::net::UnixStream::pair().map_err(|e| internal("socket pair", &e))?;
-        let theirs = OwnedFd::from(theirs);
         let mut command = Command::new(&self.agent);
-        command
-            .args(["--channel-fd", "3"])
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let fd = theirs.as_raw_fd();
-        // SAFETY: the closure runs between fork and exec and makes only
-        // async-signal-safe calls (dup2, fcntl, prctl) on integers.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::dup2(fd, 3) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let flags = libc::fcntl(3, libc::F_GETFD);
-                libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-                // Dies with the server.
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
-                Ok(())
-            });
-        }
-        let child =
-            self.spawner.spawn(command).await.map_err(|e| {
-                internal(&format!("starting the agent {}", self.agent.display()), &e)
-            })?;
-        drop(theirs);
-        ours.set_nonblocking(true)
-            .map_err(|e| internal("socket", &e))?;
-        let stream = tokio::net::UnixStream::from_std(ours).map_err(|e| internal("socket", &e))?;
-        let (reader, writer) = stream.into_split();
-        let mut env = JailEnvironment {
-            reader,
-            writer,
-            child: Some(child),
-            cgroup: Some(cgroup),
-            failed: false,
-            log_capacity: spec.log_capacity,
-        };
-        let greeted = async {
-            write_message(
-                &mut env.writer,
-                &HostMessage::Hello {
-                    version: PROTOCOL_VERSION,
-                },
-            )
-            .await?;
-            match read_message::<AgentMessage>(&mut env.reader).await? {
-                AgentMessage::Hello { version } if version == PROTOCOL_VERSION => {}
-                AgentMessage::Hello { version } => {
-                    return Err(kiln_proto::ProtoError::Version { theirs: version });
-                }
-                other => {
-                    return Err(kiln_proto::ProtoError::Invalid(format!(
-                        "expected Hello, got {other:?}"
-                    )));
-                }
-            }
-            write_message(&mut env.writer, &HostMessage::Configure(Box::new(config))).await
-        };
-        match tokio::time::timeout(Duration::from_secs(10), greeted).await {
-            Ok(Ok(())) => Ok(Box::new(env)),
-            Ok(Err(e)) => Err(internal("agent", &e)),
-            Err(_) => Err(SandboxError::Internal(
-                "the agent did not answer within 10 s".into(),
-            )),
-        }
+        command.args(["--channel-fd", "3"]).env_clear();
+        start_environment(
+            &self.spawner,
+            command,
+            cgroup,
+            config,
+            Vec::new(),
+            spec.log_capacity,
+            Duration::from_secs(10),
+        )
+        .await
     }
 }
 
-fn var(env: &[(String, String)], name: &str) -> String {
+/// Starts `command` (an agent, or a VMM whose guest runs one) with the
+/// channel on descriptor 3, greets the agent, sends `files` and the
+/// configuration, and returns the environment; the agent answers the init
+/// in [`ExecutionEnvironment::init`].
+pub(crate) async fn start_environment(
+    spawner: &Spawner,
+    mut command: Command,
+    cgroup: EnvCgroup,
+    config: Config,
+    files: Vec<kiln_proto::FilePiece>,
+    log_capacity: usize,
+    greeting_timeout: Duration,
+) -> Result<Box<dyn ExecutionEnvironment>, SandboxError> {
+    let internal =
+        |what: &str, e: &dyn std::fmt::Display| SandboxError::Internal(format!("{what}: {e}"));
+    let program = command.get_program().to_owned();
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| internal("socket pair", &e))?;
+    let theirs = OwnedFd::from(theirs);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let fd = theirs.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and makes only
+    // async-signal-safe calls (dup2, fcntl, prctl) on integers.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(fd, 3) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let flags = libc::fcntl(3, libc::F_GETFD);
+            libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            // Dies with the server.
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            Ok(())
+        });
+    }
+    let child = spawner.spawn(command).await.map_err(|e| {
+        internal(
+            &format!("starting {}", std::path::Path::new(&program).display()),
+            &e,
+        )
+    })?;
+    drop(theirs);
+    ours.set_nonblocking(true)
+        .map_err(|e| internal("socket", &e))?;
+    let stream = tokio::net::UnixStream::from_std(ours).map_err(|e| internal("socket", &e))?;
+    let (reader, writer) = stream.into_split();
+    let mut env = JailEnvironment {
+        reader,
+        writer,
+        child: Some(child),
+        cgroup: Some(cgroup),
+        failed: false,
+        log_capacity,
+    };
+    let greeted = async {
+        write_message(
+            &mut env.writer,
+            &HostMessage::Hello {
+                version: PROTOCOL_VERSION,
+            },
+        )
+        .await?;
+        match read_message::<AgentMessage>(&mut env.reader).await? {
+            AgentMessage::Hello { version } if version == PROTOCOL_VERSION => {}
+            AgentMessage::Hello { version } => {
+                return Err(kiln_proto::ProtoError::Version { theirs: version });
+            }
+            other => {
+                return Err(kiln_proto::ProtoError::Invalid(format!(
+                    "expected Hello, got {other:?}"
+                )));
+            }
+        }
+        for piece in files {
+            write_message(&mut env.writer, &HostMessage::PutFile(Box::new(piece))).await?;
+        }
+        write_message(&mut env.writer, &HostMessage::Configure(Box::new(config))).await
+    };
+    match tokio::time::timeout(greeting_timeout, greeted).await {
+        Ok(Ok(())) => Ok(Box::new(env)),
+        Ok(Err(e)) => Err(internal("agent", &e)),
+        Err(_) => Err(SandboxError::Internal(format!(
+            "the agent did not answer within {} s",
+            greeting_timeout.as_secs()
+        ))),
+    }
+}
+
+pub(crate) fn var(env: &[(String, String)], name: &str) -> String {
     env.iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.clone())

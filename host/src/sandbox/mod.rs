@@ -13,6 +13,7 @@
 
 pub mod cgroup;
 pub mod jail;
+pub mod microvm;
 pub mod wasm;
 
 use std::any::Any;
@@ -29,6 +30,8 @@ pub enum SandboxKind {
     Wasm,
     /// The agent in a jail.
     Jail,
+    /// The agent as PID 1 of a KVM guest.
+    MicroVm,
 }
 
 impl SandboxKind {
@@ -37,6 +40,7 @@ impl SandboxKind {
         match self {
             SandboxKind::Wasm => "wasm",
             SandboxKind::Jail => "jail",
+            SandboxKind::MicroVm => "microvm",
         }
     }
 }

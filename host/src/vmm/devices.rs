@@ -26,11 +26,23 @@ pub struct BoundedLog {
     inner: Arc<Mutex<LogState>>,
 }
 
-#[derive(Debug)]
 struct LogState {
     bytes: Vec<u8>,
     max: usize,
     dropped: u64,
+    /// Also written through as it arrives (within the same bound), so
+    /// that a VM killed from outside still leaves its console behind.
+    tee: Option<Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for LogState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogState")
+            .field("len", &self.bytes.len())
+            .field("max", &self.max)
+            .field("dropped", &self.dropped)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BoundedLog {
@@ -40,8 +52,16 @@ impl BoundedLog {
                 bytes: Vec::new(),
                 max,
                 dropped: 0,
+                tee: None,
             })),
         }
+    }
+
+    /// A log that also writes what it keeps to `tee` as it arrives.
+    pub fn with_tee(max: usize, tee: Box<dyn Write + Send>) -> Self {
+        let log = Self::new(max);
+        log.inner.lock().unwrap_or_else(|p| p.into_inner()).tee = Some(tee);
+        log
     }
 
     /// Takes what was logged so far, and the count of bytes dropped.
@@ -68,6 +88,12 @@ impl Write for BoundedLog {
         let n = room.min(buf.len());
         s.bytes.extend_from_slice(&buf[..n]);
         s.dropped += (buf.len() - n) as u64;
+        if n > 0
+            && let Some(tee) = &mut s.tee
+        {
+            let _ = tee.write_all(&buf[..n]);
+            let _ = tee.flush();
+        }
         Ok(buf.len())
     }
 

@@ -64,6 +64,8 @@ pub struct VmConfig {
     pub cmdline_extra: String,
     /// Serial console bytes kept at most.
     pub log_max: usize,
+    /// Write the serial console to stdout as it arrives (within `log_max`).
+    pub log_to_stdout: bool,
     /// An in-kernel interrupt controller (IOAPIC, PIC, LAPIC) with irqfds
     /// for the devices: what Linux needs. Polling test guests run without.
     pub irqchip: bool,
@@ -228,7 +230,11 @@ impl Vm {
         }
 
         let stop = Arc::new(AtomicBool::new(false));
-        let log = BoundedLog::new(config.log_max);
+        let log = if config.log_to_stdout {
+            BoundedLog::with_tee(config.log_max, Box::new(std::io::stdout()))
+        } else {
+            BoundedLog::new(config.log_max)
+        };
         let legacy = Arc::new(Mutex::new(LegacyDevices::new(
             log.clone(),
             serial_irq,
