@@ -310,6 +310,12 @@ fn main() -> Result<()> {
                 throughput_rps: Some(samples.len() as f64 / elapsed.as_secs_f64()),
             });
         }
+        // The VMM on this machine's KVM with the no_std test guest (a
+        // Linux guest cannot boot here; see benches/README.md).
+        match kvm_scenarios(args.quick) {
+            Ok(mut s) => scenarios.append(&mut s),
+            Err(why) => eprintln!("skipping the KVM scenarios: {why:#}"),
+        }
         scenarios.push(Scenario {
             name: "create-function",
             description: "CreateFunction of an already-compiled component (zip upload, validation, store commit)",
@@ -360,6 +366,116 @@ async fn deploy_as(
         );
     }
     Ok(())
+}
+
+/// VM creation, boot to a ready virtio console, and a channel round trip,
+/// with `tests/guests/virtio-echo` in-process (no seccomp, no jail).
+fn kvm_scenarios(quick: bool) -> Result<Vec<Scenario>> {
+    use kiln::vmm::{Vm, VmConfig, feed_console};
+    use std::io::{Read, Write};
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .context("/dev/kvm")?;
+    let root = kiln_test_support::workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("testguest");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = std::process::Command::new(cargo)
+        .current_dir(root.join("tests/guests/virtio-echo"))
+        .args(["build", "--release", "--locked", "--target-dir"])
+        .arg(&target)
+        .env_remove("RUSTFLAGS")
+        .status()?;
+    if !status.success() {
+        bail!("building the test guest failed");
+    }
+    let kernel = std::fs::read(target.join("x86_64-unknown-none/release/virtio-echo"))?;
+    let config = VmConfig {
+        memory_mib: 128,
+        vcpus: 1,
+        kernel,
+        initrd: None,
+        cmdline_extra: String::new(),
+        log_max: 64 << 10,
+        log_to_stdout: false,
+        irqchip: false,
+        seccomp: false,
+    };
+    let n = if quick { 3 } else { 50 };
+    let (mut create, mut ready, mut round_trips) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let (mut host, guest) = std::os::unix::net::UnixStream::pair()?;
+        host.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        let t = Instant::now();
+        let vm = Vm::create(Vm::open_kvm()?, &config, Box::new(guest.try_clone()?))?;
+        create.push(t.elapsed());
+        let console = vm.console();
+        let stop = vm.stop_flag();
+        let feeder = std::thread::spawn(move || feed_console(&console, guest, &stop));
+        let runner = std::thread::spawn(move || vm.run(|| {}));
+        // Ready: the first byte echoed back means the guest booted, set
+        // up the device and serves its queues.
+        let mut b = [0u8; 1];
+        let t = Instant::now();
+        host.write_all(b"x")?;
+        host.read_exact(&mut b)?;
+        ready.push(t.elapsed());
+        if i == 0 {
+            let msg = [b'k'; 64];
+            let mut back = [0u8; 64];
+            for _ in 0..if quick { 20 } else { 500 } {
+                let t = Instant::now();
+                host.write_all(&msg)?;
+                host.read_exact(&mut back)?;
+                round_trips.push(t.elapsed());
+            }
+        }
+        host.write_all(b"\x04")?;
+        host.read_exact(&mut b)?;
+        let stopped = runner
+            .join()
+            .map_err(|_| anyhow::anyhow!("the VM thread panicked"))?;
+        drop(host);
+        let _ = feeder.join();
+        if stopped.reason != kiln::vmm::StopReason::Reset {
+            bail!("the test guest stopped with {:?}", stopped.reason);
+        }
+    }
+    Ok(vec![
+        Scenario {
+            name: "kvm-vm-create",
+            description: "kiln's VMM: KVM_CREATE_VM, 128 MiB of guest memory, loading the ELF guest, zero page and page tables, one long-mode vCPU with CPUID and MSRs",
+            workload: "tests/guests/virtio-echo",
+            payload_bytes: 0,
+            concurrency: 1,
+            samples: create.len(),
+            latency_us: Summary::of(&create),
+            throughput_rps: None,
+        },
+        Scenario {
+            name: "kvm-testguest-ready",
+            description: "from starting the vCPU to the first byte echoed over the virtio console (boot, device setup, one round trip); polling guest, no interrupts",
+            workload: "tests/guests/virtio-echo",
+            payload_bytes: 1,
+            concurrency: 1,
+            samples: ready.len(),
+            latency_us: Summary::of(&ready),
+            throughput_rps: None,
+        },
+        Scenario {
+            name: "kvm-virtio-console-round-trip",
+            description: "64 bytes host -> guest -> host over the virtio console (two queue notifications, MMIO exits)",
+            workload: "tests/guests/virtio-echo",
+            payload_bytes: 64,
+            concurrency: 1,
+            samples: round_trips.len(),
+            latency_us: Summary::of(&round_trips),
+            throughput_rps: None,
+        },
+    ])
 }
 
 /// `examples/hello` as a native bootstrap zip, built by the `kiln` CLI

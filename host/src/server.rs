@@ -25,7 +25,7 @@ use crate::control::{ControlConfig, ControlPlane};
 use crate::invoke::{AsyncConfig, DataPlane, DataPlaneConfig, EnvironmentsDir};
 use crate::sandbox::jail::{JailSandbox, install_agent};
 use crate::sandbox::wasm::WasmSandbox;
-use crate::sandbox::{Sandbox, Sandboxes};
+use crate::sandbox::{Sandbox, SandboxKind, Sandboxes};
 use crate::store::artifacts::{ArchiveLimits, ArtifactStore};
 use crate::store::meta::MetaStore;
 use crate::store::queue::{QueueError, QueueStore};
@@ -344,11 +344,26 @@ async fn sandboxes(config: &ServerConfig, runtime: Arc<Runtime>) -> Result<Sandb
             )));
         }
     };
+    let availability = vec![
+        (SandboxKind::Wasm, Ok(())),
+        (
+            SandboxKind::Jail,
+            jail.as_ref().map(|_| ()).map_err(Clone::clone),
+        ),
+        (
+            SandboxKind::MicroVm,
+            microvm.as_ref().map(|_| ()).map_err(Clone::clone),
+        ),
+    ];
     let native = match microvm {
         Ok(vm) => Ok(vm as Arc<dyn Sandbox>),
         Err(_) => jail.map(|j| j as Arc<dyn Sandbox>),
     };
-    Ok(Sandboxes { wasm, native })
+    Ok(Sandboxes {
+        wasm,
+        native,
+        availability,
+    })
 }
 
 /// The microVM sandbox, when a guest kernel is configured and the real

@@ -112,7 +112,7 @@ impl Guest {
         let qemu = Command::new("qemu-system-x86_64")
             .args([
                 "-M",
-                "microvm,acpi=off,x-option-roms=off,rtc=off",
+                "microvm,acpi=off,x-option-roms=off",
                 "-accel",
                 "tcg",
                 "-m",

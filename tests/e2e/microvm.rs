@@ -57,6 +57,21 @@ fn functions_run_in_microvms_where_a_guest_boots() {
     if !available {
         // The fallback is stated, with the reason.
         assert!(detail.contains("functions run in jails"), "{detail}");
+        // ... and a server given the kernel falls back, visibly in /metrics.
+        let server = Server::start(
+            &dir.path().join("data"),
+            &["--guest-kernel", kernel.to_str().unwrap()],
+        );
+        let metrics = get(&server.endpoint, "/metrics");
+        assert!(
+            metrics.contains(r#"kiln_sandbox_available{sandbox="microvm"} 0"#),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(r#"kiln_sandbox_selected{family="native",sandbox="jail"} 1"#)
+                || metrics.contains(r#"kiln_sandbox_available{sandbox="jail"} 0"#),
+            "{metrics}"
+        );
         eprintln!("skipped: microVMs cannot boot on this machine: {detail}");
         return;
     }
@@ -86,4 +101,20 @@ fn functions_run_in_microvms_where_a_guest_boots() {
         let body: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         assert_eq!(body["greeting"], "Hello, vm!");
     }
+}
+
+/// A plain HTTP GET on loopback; the body.
+fn get(endpoint: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = endpoint.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
 }

@@ -223,3 +223,15 @@ fn a_kernel_that_is_not_an_elf_is_refused_clearly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("loading the kernel ELF"), "{stderr}");
 }
+
+#[test]
+fn a_host_that_hangs_up_stops_the_vm() {
+    require_kvm!();
+    // The guest polls for bytes forever; closing the channel must end it.
+    let run = run_vmm(&[], |s| {
+        assert_eq!(echo(s, b"one\n"), b"ONE\n");
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+    });
+    assert!(run.status.success(), "{}", run.report);
+    assert_eq!(run.report["reason"], "stopped", "{}", run.report);
+}

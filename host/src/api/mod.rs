@@ -158,6 +158,7 @@ pub fn router(state: AppState) -> Router {
         .route("/kiln/queue/{name}/records/{id}", get(queue::show))
         .route("/kiln/queue/{name}/redrive", post(queue::redrive))
         .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .route("/ready", get(|| async { "ready" }))
         .fallback(unknown_operation)
         .method_not_allowed_fallback(unknown_operation)
@@ -276,4 +277,61 @@ pub(crate) async fn json_body<T: DeserializeOwned>(
     serde_json::from_slice(bytes).map_err(|e| {
         ApiError::invalid_content(format!("Could not parse request body into json: {e}"))
     })
+}
+
+/// `GET /metrics`: Prometheus text. For now, which sandboxes this host can
+/// run and which one runs each kind of function, so that a fallback (no
+/// microVM here, say) is visible to monitoring.
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+
+    let sandboxes = state.data.sandboxes();
+    let mut registry = Registry::default();
+    let available = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    registry.register(
+        "kiln_sandbox_available",
+        "Whether this host can run the sandbox (probed at start)",
+        available.clone(),
+    );
+    for (kind, verdict) in &sandboxes.availability {
+        available
+            .get_or_create(&vec![("sandbox", kind.as_str())])
+            .set(i64::from(verdict.is_ok()));
+    }
+    let selected = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    registry.register(
+        "kiln_sandbox_selected",
+        "The sandbox each kind of function runs in on this host",
+        selected.clone(),
+    );
+    selected
+        .get_or_create(&vec![
+            ("family", "wasm"),
+            ("sandbox", sandboxes.wasm.kind().as_str()),
+        ])
+        .set(1);
+    if let Ok(native) = &sandboxes.native {
+        selected
+            .get_or_create(&vec![
+                ("family", "native"),
+                ("sandbox", native.kind().as_str()),
+            ])
+            .set(1);
+    }
+    let mut body = String::new();
+    if encode(&mut body, &registry).is_err() {
+        return Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(Body::from("encoding metrics failed"))
+            .unwrap_or_default();
+    }
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
 }

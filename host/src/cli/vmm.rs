@@ -109,6 +109,8 @@ pub fn run(args: VmmArgs) -> Result<i32> {
                     return;
                 }
                 feed_console(&console, channel_in, &stop);
+                // The host hung up: the environment is over.
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
             }
         })
         .context("starting the channel thread")?;

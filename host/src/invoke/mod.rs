@@ -322,6 +322,11 @@ impl DataPlane {
             .and_then(|e| e.versions.get(version).cloned())
     }
 
+    /// The host's sandboxes and which runs what.
+    pub fn sandboxes(&self) -> &Sandboxes {
+        &self.sandboxes
+    }
+
     /// Validates and prepares a record's code, as a deploy does before it
     /// commits.
     pub async fn prepare(

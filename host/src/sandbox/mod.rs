@@ -239,6 +239,8 @@ pub struct Sandboxes {
     pub wasm: Arc<dyn Sandbox>,
     /// Runs native runtimes, when this host can.
     pub native: Result<Arc<dyn Sandbox>, String>,
+    /// Every sandbox's verdict at start: available, or why not.
+    pub availability: Vec<(SandboxKind, Result<(), String>)>,
 }
 
 impl std::fmt::Debug for Sandboxes {
