@@ -287,6 +287,7 @@ impl Sandbox for JailSandbox {
             Vec::new(),
             spec.log_capacity,
             Duration::from_secs(10),
+            None,
         )
         .await
     }
@@ -304,6 +305,7 @@ pub(crate) async fn start_environment(
     files: Vec<kiln_proto::FilePiece>,
     log_capacity: usize,
     greeting_timeout: Duration,
+    console: Option<String>,
 ) -> Result<Box<dyn ExecutionEnvironment>, SandboxError> {
     let internal =
         |what: &str, e: &dyn std::fmt::Display| SandboxError::Internal(format!("{what}: {e}"));
@@ -313,7 +315,11 @@ pub(crate) async fn start_environment(
     let theirs = OwnedFd::from(theirs);
     command
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(if console.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::inherit());
     let fd = theirs.as_raw_fd();
     // SAFETY: the closure runs between fork and exec and makes only
@@ -336,12 +342,15 @@ pub(crate) async fn start_environment(
             Ok(())
         });
     }
-    let child = spawner.spawn(command).await.map_err(|e| {
+    let mut child = spawner.spawn(command).await.map_err(|e| {
         internal(
             &format!("starting {}", std::path::Path::new(&program).display()),
             &e,
         )
     })?;
+    if let (Some(env), Some(stdout)) = (console, child.stdout.take()) {
+        forward_console(env, stdout);
+    }
     drop(theirs);
     ours.set_nonblocking(true)
         .map_err(|e| internal("socket", &e))?;
@@ -386,6 +395,33 @@ pub(crate) async fn start_environment(
             "the agent did not answer within {} s",
             greeting_timeout.as_secs()
         ))),
+    }
+}
+
+/// A microVM's serial console (the VMM bounds it) into the server's log,
+/// line by line, each line cut at 4 KiB.
+fn forward_console(env: String, stdout: std::process::ChildStdout) {
+    use std::io::{BufRead, BufReader, Read};
+    let spawned = std::thread::Builder::new()
+        .name("kiln-console".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match (&mut reader).take(4096).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        tracing::info!(target: "kiln::guest_console", env = %env, "{}", text.trim_end());
+                    }
+                }
+                // A line longer than 4 KiB continues as the next one.
+                let _ = reader.fill_buf();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread for a guest console");
     }
 }
 

@@ -362,6 +362,7 @@ impl Sandbox for MicroVmSandbox {
             files,
             spec.log_capacity,
             Duration::from_secs(10),
+            Some(id),
         )
         .await
     }
