@@ -281,16 +281,34 @@ impl Sandbox for JailSandbox {
         command.args(["--channel-fd", "3"]).env_clear();
         start_environment(
             &self.spawner,
-            command,
-            cgroup,
-            config,
-            Vec::new(),
-            spec.log_capacity,
-            Duration::from_secs(10),
-            None,
+            Launch {
+                command,
+                cgroup,
+                config,
+                files: Vec::new(),
+                log_capacity: spec.log_capacity,
+                greeting_timeout: Duration::from_secs(10),
+                console: None,
+            },
         )
         .await
     }
+}
+
+/// How to start one environment's process and what to tell its agent.
+pub(crate) struct Launch {
+    /// The agent, or a VMM whose guest runs one.
+    pub command: Command,
+    /// The environment's cgroup (the process enters it itself).
+    pub cgroup: EnvCgroup,
+    pub config: Config,
+    /// Code for an agent that cannot mount it (a microVM's).
+    pub files: Vec<kiln_proto::FilePiece>,
+    pub log_capacity: usize,
+    pub greeting_timeout: Duration,
+    /// The environment's id, when the process's stdout is a guest console
+    /// to forward into the server's log.
+    pub console: Option<String>,
 }
 
 /// Starts `command` (an agent, or a VMM whose guest runs one) with the
@@ -299,14 +317,17 @@ impl Sandbox for JailSandbox {
 /// in [`ExecutionEnvironment::init`].
 pub(crate) async fn start_environment(
     spawner: &Spawner,
-    mut command: Command,
-    cgroup: EnvCgroup,
-    config: Config,
-    files: Vec<kiln_proto::FilePiece>,
-    log_capacity: usize,
-    greeting_timeout: Duration,
-    console: Option<String>,
+    launch: Launch,
 ) -> Result<Box<dyn ExecutionEnvironment>, SandboxError> {
+    let Launch {
+        mut command,
+        cgroup,
+        config,
+        files,
+        log_capacity,
+        greeting_timeout,
+        console,
+    } = launch;
     let internal =
         |what: &str, e: &dyn std::fmt::Display| SandboxError::Internal(format!("{what}: {e}"));
     let program = command.get_program().to_owned();

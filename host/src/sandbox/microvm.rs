@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use kiln_proto::{CodeRoot, Config, FilePiece, MAX_PIECE, Mode};
 
 use super::cgroup::EnvCgroup;
-use super::jail::{Spawner, start_environment, var};
+use super::jail::{Launch, Spawner, start_environment, var};
 use super::{
     CodeSpec, EnvironmentSpec, ExecutionEnvironment, PreparedCode, Sandbox, SandboxError,
     SandboxKind,
@@ -356,13 +356,15 @@ impl Sandbox for MicroVmSandbox {
         }
         start_environment(
             &self.spawner,
-            command,
-            cgroup,
-            config,
-            files,
-            spec.log_capacity,
-            Duration::from_secs(10),
-            Some(id),
+            Launch {
+                command,
+                cgroup,
+                config,
+                files,
+                log_capacity: spec.log_capacity,
+                greeting_timeout: Duration::from_secs(10),
+                console: Some(id),
+            },
         )
         .await
     }

@@ -11,6 +11,7 @@ pub mod boot;
 pub mod devices;
 pub mod initramfs;
 pub mod layout;
+pub mod mptable;
 pub mod seccomp;
 pub mod virtio;
 
@@ -209,6 +210,10 @@ impl Vm {
             )
             .map_err(|e| VmmError::Boot(format!("command line: {e}")))?;
         let loaded = boot::load(&mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
+        if config.irqchip {
+            // With no ACPI, the MP table is how Linux finds the other vCPUs.
+            mptable::write(&mem, config.vcpus)?;
+        }
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
