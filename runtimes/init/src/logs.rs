@@ -6,43 +6,25 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
+use kiln_wasm::CappedLog;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 /// The shared buffer.
 #[derive(Clone)]
 pub struct LogBuffer {
-    inner: Arc<Mutex<Inner>>,
-}
-
-struct Inner {
-    bytes: Vec<u8>,
-    capacity: usize,
-    dropped: u64,
-}
-
-impl Inner {
-    fn push(&mut self, data: &[u8]) {
-        let room = self.capacity.saturating_sub(self.bytes.len());
-        let kept = room.min(data.len());
-        self.bytes.extend_from_slice(&data[..kept]);
-        self.dropped += (data.len() - kept) as u64;
-    }
+    inner: Arc<Mutex<CappedLog>>,
 }
 
 impl LogBuffer {
     /// A buffer of at most `capacity` bytes between drains.
     pub fn new(capacity: usize) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(Inner {
-                bytes: Vec::new(),
-                capacity,
-                dropped: 0,
-            })),
+            inner: Arc::new(Mutex::new(CappedLog::new(capacity))),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CappedLog> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -64,22 +46,7 @@ impl LogBuffer {
 
     /// Takes everything since the last call, with a note of what was cut.
     pub fn take(&self) -> Vec<u8> {
-        let mut b = self.lock();
-        let mut out = std::mem::take(&mut b.bytes);
-        if b.dropped > 0 {
-            if !out.is_empty() && !out.ends_with(b"\n") {
-                out.push(b'\n');
-            }
-            out.extend_from_slice(
-                format!(
-                    "[kiln] {} bytes of log output were dropped: the limit is {} bytes per invocation\n",
-                    b.dropped, b.capacity
-                )
-                .as_bytes(),
-            );
-            b.dropped = 0;
-        }
-        out
+        self.lock().take()
     }
 }
 

@@ -36,7 +36,7 @@ pub use environment::{
     InvokeOutcome, Outcome,
 };
 pub use host::FunctionError;
-pub use logs::LogLevel;
+pub use logs::{CappedLog, LogLevel};
 
 /// Bindings generated from `wit/function.wit` for the host side.
 mod bindings {

@@ -42,30 +42,68 @@ impl LogLevel {
     }
 }
 
-/// A cheap handle to one environment's log buffer.
-#[derive(Clone)]
-pub(crate) struct LogSink {
-    inner: Arc<Mutex<Buffer>>,
-}
-
-struct Buffer {
+/// Output of one invocation, capped: what fits is kept, the rest counted
+/// and reported when the output is taken. Shared with the agent, which
+/// fills one from a native bootstrap's pipes.
+#[derive(Debug)]
+pub struct CappedLog {
     bytes: Vec<u8>,
     capacity: usize,
     dropped: u64,
 }
 
-impl LogSink {
-    pub(crate) fn new(capacity: usize) -> Self {
+impl CappedLog {
+    /// At most `capacity` bytes between two [`Self::take`]s.
+    pub fn new(capacity: usize) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(Buffer {
-                bytes: Vec::new(),
-                capacity,
-                dropped: 0,
-            })),
+            bytes: Vec::new(),
+            capacity,
+            dropped: 0,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Buffer> {
+    /// Appends what fits.
+    pub fn push(&mut self, data: &[u8]) {
+        let room = self.capacity.saturating_sub(self.bytes.len());
+        let kept = room.min(data.len());
+        self.bytes.extend_from_slice(&data[..kept]);
+        self.dropped += (data.len() - kept) as u64;
+    }
+
+    /// Takes everything since the last call, with a note of what was cut.
+    pub fn take(&mut self) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.bytes);
+        if self.dropped > 0 {
+            if !out.is_empty() && !out.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(
+                format!(
+                    "[kiln] {} bytes of log output were dropped: the limit is {} bytes per invocation\n",
+                    self.dropped, self.capacity
+                )
+                .as_bytes(),
+            );
+            self.dropped = 0;
+        }
+        out
+    }
+}
+
+/// A cheap handle to one environment's log buffer.
+#[derive(Clone)]
+pub(crate) struct LogSink {
+    inner: Arc<Mutex<CappedLog>>,
+}
+
+impl LogSink {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(CappedLog::new(capacity))),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CappedLog> {
         // A poisoned lock only means a writer panicked mid-append; the bytes
         // are still a valid (if cut) log.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -73,11 +111,7 @@ impl LogSink {
 
     /// Appends raw output, keeping what fits.
     pub(crate) fn write(&self, data: &[u8]) {
-        let mut b = self.lock();
-        let room = b.capacity.saturating_sub(b.bytes.len());
-        let kept = room.min(data.len());
-        b.bytes.extend_from_slice(&data[..kept]);
-        b.dropped += (data.len() - kept) as u64;
+        self.lock().push(data);
     }
 
     /// Appends one structured line in Lambda's text layout:
@@ -110,22 +144,7 @@ impl LogSink {
 
     /// Takes everything written since the last call.
     pub(crate) fn take(&self) -> Vec<u8> {
-        let mut b = self.lock();
-        let mut out = std::mem::take(&mut b.bytes);
-        if b.dropped > 0 {
-            if !out.is_empty() && !out.ends_with(b"\n") {
-                out.push(b'\n');
-            }
-            out.extend_from_slice(
-                format!(
-                    "[kiln] {} bytes of log output were dropped: the limit is {} bytes per invocation\n",
-                    b.dropped, b.capacity
-                )
-                .as_bytes(),
-            );
-            b.dropped = 0;
-        }
-        out
+        self.lock().take()
     }
 }
 
