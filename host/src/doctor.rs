@@ -141,15 +141,8 @@ async fn microvm(data_dir: &Path, guest_kernel: Option<&Path>) -> SandboxStatus 
                 .into(),
         );
     };
-    let image = match crate::sandbox::microvm::GuestImage::install(
-        &data_dir.join("runtime"),
-        kernel.to_path_buf(),
-    ) {
-        Ok(i) => i,
-        Err(e) => return status(false, format!("writing the guest image: {e}")),
-    };
-    match crate::sandbox::microvm::probe(&image, crate::server::MICROVM_PROBE_DEADLINE).await {
-        Ok(took) => status(
+    match crate::sandbox::microvm::try_boot(&data_dir.join("runtime"), kernel).await {
+        Ok((_, took)) => status(
             true,
             format!(
                 "a guest booted to its agent in {} ms (kernel {})",

@@ -284,9 +284,6 @@ impl Server {
     }
 }
 
-/// How long the microVM probe waits for a guest's agent.
-pub const MICROVM_PROBE_DEADLINE: Duration = Duration::from_secs(5);
-
 /// The sandboxes this host runs: microVMs when a guest boots here, else the
 /// jail when its probe passes (it runs
 /// native runtimes, and Wasm when asked to), wasmtime in-process for Wasm.
@@ -373,26 +370,18 @@ async fn microvm_sandbox(
     runtime: Arc<Runtime>,
     group: String,
 ) -> Result<Arc<dyn Sandbox>, String> {
-    use crate::sandbox::microvm::{GuestImage, MicroVmSandbox};
-    let kernel = config.guest_kernel.clone().ok_or_else(|| {
+    use crate::sandbox::microvm::{MicroVmSandbox, try_boot};
+    let kernel = config.guest_kernel.as_deref().ok_or_else(|| {
         "no guest kernel: build one with scripts/build-kernel.sh and pass --guest-kernel \
          (or set KILN_GUEST_KERNEL)"
             .to_owned()
     })?;
-    if !kernel.is_file() {
-        return Err(format!(
-            "the guest kernel {} does not exist",
-            kernel.display()
-        ));
-    }
-    let image = GuestImage::install(&config.data_dir.join("runtime"), kernel)
-        .map_err(|e| format!("writing the guest image: {e}"))?;
-    let sandbox = MicroVmSandbox::new(image, runtime, group).map_err(|e| e.to_string())?;
-    let booted = sandbox.probe(MICROVM_PROBE_DEADLINE).await?;
+    let (image, booted) = try_boot(&config.data_dir.join("runtime"), kernel).await?;
     tracing::info!(
         boot_ms = booted.as_millis() as u64,
         "a microVM booted to its agent"
     );
+    let sandbox = MicroVmSandbox::new(image, runtime, group).map_err(|e| e.to_string())?;
     Ok(Arc::new(sandbox))
 }
 

@@ -126,20 +126,8 @@ pub fn build(path: &Path, output: Option<&Path>) -> Result<Built> {
         );
     }
 
-    let zip = output
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(format!("{name}.zip")));
     let packed = kiln::package::pack_component(&bytes).context("writing the zip")?;
-    if let Some(parent) = zip.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    std::fs::write(&zip, &packed).with_context(|| format!("writing {}", zip.display()))?;
-    Ok(Built {
-        name,
-        zip,
-        zip_size: packed.len() as u64,
-    })
+    write_zip(name, output, "", packed)
 }
 
 fn target_installed() -> bool {
@@ -327,10 +315,15 @@ pub fn build_native(path: &Path, output: Option<&Path>) -> Result<Built> {
         .context("cargo reported no executable")?;
     let bytes =
         std::fs::read(&executable).with_context(|| format!("reading {}", executable.display()))?;
+    let packed = kiln::package::pack_bootstrap(&bytes).context("writing the zip")?;
+    write_zip(name, output, "-native", packed)
+}
+
+/// Writes `packed` to `output` (default: `<name><suffix>.zip` here).
+fn write_zip(name: String, output: Option<&Path>, suffix: &str, packed: Vec<u8>) -> Result<Built> {
     let zip = output
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(format!("{name}-native.zip")));
-    let packed = kiln::package::pack_bootstrap(&bytes).context("writing the zip")?;
+        .unwrap_or_else(|| PathBuf::from(format!("{name}{suffix}.zip")));
     if let Some(parent) = zip.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;

@@ -53,21 +53,68 @@ const UIDS: u32 = 60_000;
 /// Writes the embedded agent to `dir` (once per content) and returns its
 /// path.
 pub fn install_agent(dir: &Path) -> std::io::Result<PathBuf> {
+    install_once(
+        dir,
+        &format!("kiln-agent-{}", agent_digest()),
+        0o755,
+        || AGENT.to_vec(),
+    )
+}
+
+/// The first 16 hex digits of the agent's SHA-256, computed once: what the
+/// installed agent and the guest image built from it are named by.
+pub(crate) fn agent_digest() -> &'static str {
+    static DIGEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIGEST.get_or_init(|| {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, AGENT);
+        crate::store::artifacts::hex(digest.as_ref())[..16].to_owned()
+    })
+}
+
+/// Writes `dir/name` with `mode` unless it is there already (the name says
+/// what it holds), through a temporary file and a rename so that no reader
+/// sees half of it. `contents` runs only when the file is written.
+pub(crate) fn install_once(
+    dir: &Path,
+    name: &str,
+    mode: u32,
+    contents: impl FnOnce() -> Vec<u8>,
+) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, AGENT);
-    let name = format!(
-        "kiln-agent-{}",
-        &crate::store::artifacts::hex(digest.as_ref())[..16]
-    );
     let path = dir.join(name);
     if !path.is_file() {
-        let tmp = dir.join(format!(".tmp-agent-{}", std::process::id()));
-        std::fs::write(&tmp, AGENT)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
+        std::fs::write(&tmp, contents())?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
         std::fs::rename(&tmp, &path)?;
     }
     Ok(path)
+}
+
+/// Puts `fd` at descriptor 3 of the child `command` starts (its channel),
+/// and ties the child's life to the thread that spawns it.
+pub(crate) fn channel_on_fd3(command: &mut Command, fd: std::os::fd::RawFd) {
+    // SAFETY: the closure runs between fork and exec and makes only
+    // async-signal-safe calls (dup2, fcntl, prctl) on integers.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(fd, 3) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let flags = libc::fcntl(3, libc::F_GETFD);
+            libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            // Dies with the server.
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            Ok(())
+        });
+    }
 }
 
 type SpawnReply = std::io::Result<Child>;
@@ -224,10 +271,7 @@ impl Sandbox for JailSandbox {
             .ok_or_else(|| SandboxError::Internal("code prepared by another sandbox".into()))?;
         let internal =
             |what: &str, e: &dyn std::fmt::Display| SandboxError::Internal(format!("{what}: {e}"));
-        let id = spec.env_dir.file_name().map_or_else(
-            || uuid::Uuid::new_v4().simple().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
+        let id = spec.id();
         let uid = FIRST_UID + self.next_uid.fetch_add(1, Ordering::Relaxed) % UIDS;
         let memory = u64::from(spec.memory_mb) << 20;
         let (mode, precompiled, limit) = match code {
@@ -342,27 +386,7 @@ pub(crate) async fn start_environment(
             Stdio::null()
         })
         .stderr(Stdio::inherit());
-    let fd = theirs.as_raw_fd();
-    // SAFETY: the closure runs between fork and exec and makes only
-    // async-signal-safe calls (dup2, fcntl, prctl) on integers.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let flags = libc::fcntl(3, libc::F_GETFD);
-            libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            // Dies with the server.
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            Ok(())
-        });
-    }
+    channel_on_fd3(&mut command, theirs.as_raw_fd());
     let mut child = spawner.spawn(command).await.map_err(|e| {
         internal(
             &format!("starting {}", std::path::Path::new(&program).display()),

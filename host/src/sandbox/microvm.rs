@@ -46,20 +46,15 @@ pub struct GuestImage {
 }
 
 impl GuestImage {
-    /// Writes the initramfs into `dir` (named by its content) for `kernel`.
+    /// Writes the initramfs into `dir` (named by the agent it holds, so it
+    /// is built only when the agent changed) for `kernel`.
     pub fn install(dir: &Path, kernel: PathBuf) -> std::io::Result<Self> {
-        let image = crate::vmm::initramfs::guest_image(super::jail::AGENT);
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &image);
-        std::fs::create_dir_all(dir)?;
-        let initramfs = dir.join(format!(
-            "initramfs-{}.cpio",
-            &crate::store::artifacts::hex(digest.as_ref())[..16]
-        ));
-        if !initramfs.is_file() {
-            let tmp = dir.join(format!(".tmp-initramfs-{}", std::process::id()));
-            std::fs::write(&tmp, &image)?;
-            std::fs::rename(&tmp, &initramfs)?;
-        }
+        let initramfs = super::jail::install_once(
+            dir,
+            &format!("initramfs-{}.cpio", super::jail::agent_digest()),
+            0o644,
+            || crate::vmm::initramfs::guest_image(super::jail::AGENT),
+        )?;
         Ok(Self {
             kernel,
             initramfs,
@@ -118,32 +113,35 @@ impl MicroVmSandbox {
             next_uid: AtomicU32::new(0),
         })
     }
-
-    /// Boots the guest image and waits for its agent to greet, within
-    /// `deadline`: whether microVMs work on this machine, and why not.
-    pub async fn probe(&self, deadline: Duration) -> Result<Duration, String> {
-        probe(&self.image, deadline).await
-    }
 }
 
-/// See [`MicroVmSandbox::probe`].
-pub async fn probe(image: &GuestImage, deadline: Duration) -> Result<Duration, String> {
+/// How long the boot probe waits for a guest's agent.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Whether microVMs work on this machine, and why not: installs the guest
+/// image for `kernel` under `runtime_dir` and boots it once to its agent.
+/// Returns the image and how long the boot took.
+pub async fn try_boot(runtime_dir: &Path, kernel: &Path) -> Result<(GuestImage, Duration), String> {
+    if !kernel.is_file() {
+        return Err(format!(
+            "the guest kernel {} does not exist",
+            kernel.display()
+        ));
+    }
+    let image = GuestImage::install(runtime_dir, kernel.to_path_buf())
+        .map_err(|e| format!("writing the guest image: {e}"))?;
+    let took = probe(&image, PROBE_DEADLINE).await?;
+    Ok((image, took))
+}
+
+/// Boots `image` and waits for its agent to greet, within `deadline`.
+async fn probe(image: &GuestImage, deadline: Duration) -> Result<Duration, String> {
     use kiln_proto::asynchronous::read_message;
     let started = std::time::Instant::now();
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     let mut command = image.command(128);
     command.args(["--log-max", "65536"]);
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
-    // SAFETY: between fork and exec only dup2 and fcntl, on integers.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-            if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::fcntl(3, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
+    super::jail::channel_on_fd3(&mut command, std::os::fd::AsRawFd::as_raw_fd(&theirs));
     let mut child = tokio::process::Command::from(command)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -298,10 +296,7 @@ impl Sandbox for MicroVmSandbox {
             .ok_or_else(|| SandboxError::Internal("code prepared by another sandbox".into()))?;
         let internal =
             |what: &str, e: &dyn std::fmt::Display| SandboxError::Internal(format!("{what}: {e}"));
-        let id = spec.env_dir.file_name().map_or_else(
-            || uuid::Uuid::new_v4().simple().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
+        let id = spec.id();
         let guest_mb = spec.memory_mb + GUEST_OVERHEAD_MB;
         let limit = (u64::from(guest_mb) << 20) + VMM_OVERHEAD;
         let cgroup = tokio::task::spawn_blocking({

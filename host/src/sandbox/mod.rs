@@ -112,6 +112,16 @@ pub struct EnvironmentSpec {
     pub log_capacity: usize,
 }
 
+impl EnvironmentSpec {
+    /// The environment's id: the name of its directory.
+    pub fn id(&self) -> String {
+        self.env_dir.file_name().map_or_else(
+            || uuid::Uuid::new_v4().simple().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    }
+}
+
 /// One invocation as the sandbox sees it.
 #[derive(Debug, Clone)]
 pub struct InvocationRequest {

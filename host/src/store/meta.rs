@@ -208,13 +208,7 @@ impl MetaStore {
         &self,
         f: impl FnOnce(&Docs<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Deferred)
-            .map_err(MetaError::from)?;
-        let out = f(&Docs { conn: &tx })?;
-        tx.commit().map_err(MetaError::from)?;
-        Ok(out)
+        self.transaction(TransactionBehavior::Deferred, f)
     }
 
     /// Runs `f` in one write transaction: all its changes commit, or none.
@@ -222,9 +216,17 @@ impl MetaStore {
         &self,
         f: impl FnOnce(&Docs<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
+        self.transaction(TransactionBehavior::Immediate, f)
+    }
+
+    fn transaction<T, E: From<MetaError>>(
+        &self,
+        behavior: TransactionBehavior,
+        f: impl FnOnce(&Docs<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
         let mut conn = self.conn();
         let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .transaction_with_behavior(behavior)
             .map_err(MetaError::from)?;
         let out = f(&Docs { conn: &tx })?;
         tx.commit().map_err(MetaError::from)?;

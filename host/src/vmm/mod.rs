@@ -458,20 +458,21 @@ pub fn feed_console(
             Ok(n) => n,
         };
         let mut offset = 0;
+        let mut device = console.lock().unwrap_or_else(|p| p.into_inner());
         while offset < n {
             if stop.load(Ordering::SeqCst) {
                 return;
             }
-            let taken = console
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .device_mut()
-                .push_from_host(&buf[offset..n]);
+            let taken = device.device_mut().push_from_host(&buf[offset..n]);
             offset += taken;
             if taken == 0 {
-                // The guest has not taken what is buffered yet: wait for it
-                // to post buffers (a guest notification drains the buffer).
-                std::thread::sleep(Duration::from_millis(1));
+                // Full: wait for the guest to take bytes. Bounded, so that
+                // a stop is seen even if the guest never reads again.
+                let drained = device.device().drained();
+                device = drained
+                    .wait_timeout(device, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         }
     }

@@ -40,6 +40,9 @@ pub struct ConsoleStats {
 pub struct Console {
     to_host: Box<dyn Write + Send>,
     to_guest: VecDeque<u8>,
+    /// Notified when the guest took host bytes, for a feeder waiting for
+    /// room (with the lock that guards this device).
+    drained: Arc<std::sync::Condvar>,
     active: Option<Active>,
     stats: ConsoleStats,
 }
@@ -56,6 +59,7 @@ impl Console {
         Self {
             to_host,
             to_guest: VecDeque::new(),
+            drained: Arc::new(std::sync::Condvar::new()),
             active: None,
             stats: ConsoleStats::default(),
         }
@@ -63,6 +67,11 @@ impl Console {
 
     pub fn stats(&self) -> ConsoleStats {
         self.stats
+    }
+
+    /// Notified whenever the guest takes host bytes.
+    pub fn drained(&self) -> Arc<std::sync::Condvar> {
+        self.drained.clone()
     }
 
     /// How many more host bytes it takes now.
@@ -135,6 +144,7 @@ impl Console {
         }
         if used_any {
             active.interrupt.signal_used();
+            self.drained.notify_all();
         }
     }
 
