@@ -10,14 +10,78 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
+/// The root key the benchmark's server is given, and its client signs with.
+pub const BENCH_KEY: (&str, &str) = (
+    "AKIAKILNBENCH000",
+    "kiln-bench-secret-kiln-bench-secret-0000",
+);
+
+/// How long a signed request is reused: well inside the 5-minute window.
+const RESIGN_AFTER: Duration = Duration::from_secs(60);
+
+/// A signed request target, and when it was signed.
+type Signed = (String, Instant);
+
 /// Connects to one server.
 pub struct Http {
     addr: SocketAddr,
+    /// Presigned targets by (method, path, body): signing every request
+    /// would put the client's HMACs into the latencies measured, so a
+    /// signature is reused for a minute, as a replayed request is valid.
+    signed: std::sync::Mutex<std::collections::HashMap<(String, String, Bytes), Signed>>,
 }
 
 impl Http {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr }
+        Self {
+            addr,
+            signed: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// `path` with a SigV4 presigned query for `method` and `body`.
+    fn signed_target(&self, method: &str, path: &str, body: &Bytes) -> Result<String> {
+        let key = (method.to_owned(), path.to_owned(), body.clone());
+        let mut cache = self
+            .signed
+            .lock()
+            .map_err(|_| anyhow::anyhow!("signature cache poisoned"))?;
+        if let Some((target, at)) = cache.get(&key)
+            && at.elapsed() < RESIGN_AFTER
+        {
+            return Ok(target.clone());
+        }
+        let (path_only, query) = path.split_once('?').unwrap_or((path, ""));
+        let pairs: Vec<(String, String)> = form_pairs(query);
+        let pairs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let host = self.addr.to_string();
+        let target = kiln::auth::sigv4::PresignTarget {
+            method,
+            host: &host,
+            path: path_only,
+            query: &pairs,
+            body,
+        };
+        let signing_key = kiln::auth::sigv4::PresignKey {
+            access_key_id: BENCH_KEY.0,
+            secret: BENCH_KEY.1,
+            session_token: None,
+        };
+        let cfg = kiln::auth::sigv4::VerifyConfig::lambda("us-east-1");
+        let query = kiln::auth::sigv4::presign(
+            target,
+            signing_key,
+            &cfg,
+            time::OffsetDateTime::now_utc(),
+            600,
+        )
+        .map_err(|e| anyhow::anyhow!("signing {path}: {e}"))?;
+        let signed = format!("{path_only}?{query}");
+        cache.insert(key, (signed.clone(), Instant::now()));
+        Ok(signed)
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>> {
@@ -52,9 +116,10 @@ impl Http {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<(u16, hyper::HeaderMap, Bytes)> {
+        let target = self.signed_target(method, path, &body)?;
         let mut builder = hyper::Request::builder()
             .method(method)
-            .uri(path)
+            .uri(target)
             .header("host", self.addr.to_string())
             .header("content-type", "application/json");
         for (k, v) in headers {
@@ -174,4 +239,16 @@ impl Http {
         }
         Ok((answers, start.elapsed()))
     }
+}
+
+/// `k=v&...` as decoded pairs (bench paths use plain ASCII).
+fn form_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
 }

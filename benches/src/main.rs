@@ -82,6 +82,7 @@ fn main() -> Result<()> {
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse()?,
         data_dir: data.path().join("data"),
+        root_credentials: Some((load::BENCH_KEY.0.to_owned(), load::BENCH_KEY.1.to_owned())),
         ..ServerConfig::new()
     };
     let server = server_rt.block_on(Server::start(config))?;

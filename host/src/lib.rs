@@ -2,6 +2,7 @@
 //!
 //! Module map (see DESIGN.md):
 //! - [`api`]: the HTTP API (Lambda's REST API, health);
+//! - [`auth`]: SigV4 authentication, credentials, IAM-style authorization;
 //! - [`control`]: functions and their configuration;
 //! - [`invoke`]: the data plane (environments, invocations);
 //! - [`sandbox`]: the trait every kind of isolation implements, and its
@@ -12,6 +13,7 @@
 //! - [`doctor`]: which sandboxes this machine can run.
 
 pub mod api;
+pub mod auth;
 pub mod control;
 pub mod doctor;
 pub mod invoke;

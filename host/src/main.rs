@@ -67,10 +67,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
             args.async_time_scale
         );
     }
-    let root_key = std::env::var("KILN_ROOT_ACCESS_KEY_ID").ok();
-    if root_key.is_some() && std::env::var("KILN_ROOT_SECRET_ACCESS_KEY").is_err() {
-        anyhow::bail!("KILN_ROOT_ACCESS_KEY_ID is set but KILN_ROOT_SECRET_ACCESS_KEY is not");
-    }
+    let root_credentials = match (
+        std::env::var("KILN_ROOT_ACCESS_KEY_ID").ok(),
+        std::env::var("KILN_ROOT_SECRET_ACCESS_KEY").ok(),
+    ) {
+        (Some(id), Some(secret)) => Some((id, secret)),
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "set both KILN_ROOT_ACCESS_KEY_ID and KILN_ROOT_SECRET_ACCESS_KEY, or neither"
+        ),
+    };
     let config = ServerConfig {
         listen: args.listen,
         data_dir: args.data_dir.clone(),
@@ -90,12 +96,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
             ..kiln::invoke::AsyncConfig::default()
         },
         idle_timeout: cli::idle_timeout(&args),
-        root_access_key_id: root_key,
+        root_credentials,
+        max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew),
         ..ServerConfig::new()
     };
     let server = Server::start(config)
         .await
         .with_context(|| format!("starting kiln with data dir {}", args.data_dir.display()))?;
+    if let Some((path, id, secret)) = server.generated_root() {
+        // Shown this once; the file keeps them (mode 0600).
+        println!(
+            "kiln generated root credentials (saved in {}):\n  AWS_ACCESS_KEY_ID={id}\n  \
+             AWS_SECRET_ACCESS_KEY={secret}",
+            path.display()
+        );
+    }
     // Scripts and tests wait for this line (and read the port from it).
     println!(
         "kiln listening on http://{} ({} functions loaded)",

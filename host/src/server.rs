@@ -20,6 +20,9 @@ use std::time::Duration;
 use kiln_wasm::{Runtime, RuntimeConfig};
 
 use crate::api::{self, AppState};
+use crate::auth::Authenticator;
+use crate::auth::keys::{Credentials, RootKey};
+use crate::auth::sigv4::VerifyConfig;
 use crate::control::model::ArnContext;
 use crate::control::{ControlConfig, ControlPlane};
 use crate::invoke::{AsyncConfig, DataPlane, DataPlaneConfig, EnvironmentsDir};
@@ -55,8 +58,12 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Most log bytes per invocation.
     pub log_capacity: usize,
-    /// The root access key id, when configured (`KILN_ROOT_ACCESS_KEY_ID`).
-    pub root_access_key_id: Option<String>,
+    /// The root key from `KILN_ROOT_ACCESS_KEY_ID` /
+    /// `KILN_ROOT_SECRET_ACCESS_KEY`; without it, the data dir's (generated
+    /// at first start).
+    pub root_credentials: Option<(String, String)>,
+    /// How far a request's signing time may be from the server's clock.
+    pub max_clock_skew: Duration,
     /// The microVM guest kernel (`vmlinux`); without one, no microVMs.
     pub guest_kernel: Option<PathBuf>,
 }
@@ -77,7 +84,8 @@ impl ServerConfig {
             wasm_sandbox: WasmPlacement::InProcess,
             idle_timeout: Duration::from_secs(600),
             log_capacity: 1 << 20,
-            root_access_key_id: None,
+            root_credentials: None,
+            max_clock_skew: Duration::from_secs(300),
             guest_kernel: None,
         }
     }
@@ -216,6 +224,7 @@ impl Server {
             },
         );
         data.start_reaper();
+        let control_meta = meta.clone();
         let control = Arc::new(ControlPlane::new(
             meta,
             artifacts,
@@ -229,11 +238,24 @@ impl Server {
         // Events run only once every function is known again.
         data.start_event_dispatcher(config.async_config.clone());
 
-        match &config.root_access_key_id {
-            Some(id) => tracing::info!(access_key_id = %id, "root credentials configured"),
-            None => tracing::info!("no root credentials configured (KILN_ROOT_ACCESS_KEY_ID)"),
-        }
-        tracing::warn!("requests are not authenticated yet: any signature is accepted");
+        let keys_dir = dir.join("keys");
+        let root = RootKey::load(&keys_dir, config.root_credentials.clone())
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        tracing::info!(access_key_id = %root.access_key_id, "root credentials loaded");
+        let credentials_key = credentials_key(&keys_dir)?;
+        let credentials = Arc::new(Credentials::new(
+            &config.account_id,
+            root,
+            control_meta,
+            &credentials_key,
+        ));
+        let auth = Arc::new(Authenticator::new(
+            credentials,
+            VerifyConfig {
+                max_skew: config.max_clock_skew,
+                ..VerifyConfig::lambda(&config.region)
+            },
+        ));
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -245,7 +267,11 @@ impl Server {
             addr: config.listen,
             source,
         })?;
-        let state = AppState { control, data };
+        let state = AppState {
+            control,
+            data,
+            auth,
+        };
         let router = api::router(state.clone());
         Ok(Self {
             listener,
@@ -268,6 +294,14 @@ impl Server {
         self.state.clone()
     }
 
+    /// The root key, when this start generated it (to be shown once).
+    pub fn generated_root(&self) -> Option<(&Path, &str, &str)> {
+        let root = self.state.auth.credentials().root();
+        root.generated
+            .as_deref()
+            .map(|path| (path, root.access_key_id.as_str(), root.secret().expose()))
+    }
+
     /// How many functions were loaded from the data dir.
     pub fn functions_loaded(&self) -> usize {
         self.functions
@@ -278,9 +312,13 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> io::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
     }
 }
 
@@ -409,4 +447,27 @@ fn lock_data_dir(dir: &Path) -> Result<fs::File, StartError> {
         };
     }
     Ok(file)
+}
+
+/// The key that protects stored access-key secrets and session tokens:
+/// 32 random bytes made at first start.
+fn credentials_key(keys_dir: &Path) -> Result<[u8; 32], StartError> {
+    let path = keys_dir.join("credentials.key");
+    let err = |source| StartError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    match fs::read(&path) {
+        Ok(bytes) => bytes
+            .try_into()
+            .map_err(|_| StartError::Config(format!("{} is not a 32-byte key", path.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            aws_lc_rs::rand::fill(&mut key)
+                .map_err(|_| StartError::Config("the system RNG failed".to_owned()))?;
+            crate::auth::keys::write_private(&path, &key).map_err(err)?;
+            Ok(key)
+        }
+        Err(e) => Err(err(e)),
+    }
 }

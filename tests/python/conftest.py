@@ -14,12 +14,39 @@ import subprocess
 import tempfile
 import threading
 
+import urllib.request
+
 import boto3
 import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
+from botocore.credentials import Credentials
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 READY = re.compile(r"kiln listening on (http://\S+)")
+
+# The root key every test server is started with (KILN_ROOT_*).
+ACCESS_KEY = "AKIAKILNTEST0000"
+SECRET_KEY = "kiln-test-secret-kiln-test-secret-000000"
+ROOT_ENV = {"KILN_ROOT_ACCESS_KEY_ID": ACCESS_KEY, "KILN_ROOT_SECRET_ACCESS_KEY": SECRET_KEY}
+
+
+def sign(req: urllib.request.Request, access_key=ACCESS_KEY, secret_key=SECRET_KEY, token=None):
+    """Signs a urllib request with SigV4, as the AWS SDKs would."""
+    aws = AWSRequest(method=req.get_method(), url=req.full_url, data=req.data or b"",
+                     headers=dict(req.header_items()))
+    SigV4Auth(Credentials(access_key, secret_key, token), "lambda", "us-east-1").add_auth(aws)
+    for k, v in aws.headers.items():
+        req.add_unredirected_header(k, v)
+    return req
+
+
+def signed_urlopen(req, timeout=None, **creds):
+    """urllib.request.urlopen of a SigV4-signed request (a URL or a Request)."""
+    if isinstance(req, str):
+        req = urllib.request.Request(req)
+    return urllib.request.urlopen(sign(req, **creds), timeout=timeout)
 
 
 def kiln_bin() -> str:
@@ -32,11 +59,15 @@ def kiln_bin() -> str:
 class KilnServer:
     """One `kiln serve` process on 127.0.0.1 with a private data dir."""
 
-    def __init__(self, data_dir: pathlib.Path, extra_args=(), env=None, listen="127.0.0.1:0"):
+    def __init__(self, data_dir: pathlib.Path, extra_args=(), env=None, listen="127.0.0.1:0", root_env=True):
         self.data_dir = data_dir
         self.listen = listen
         self.extra_args = list(extra_args)
-        self.env = dict(os.environ, **(env or {}))
+        self.env = dict(os.environ, **(ROOT_ENV if root_env else {}), **(env or {}))
+        if not root_env:
+            for k in ROOT_ENV:
+                self.env.pop(k, None)
+        self.stdout_lines = []
         self.proc = None
         self.endpoint = None
         self.stderr_lines = []
@@ -55,6 +86,7 @@ class KilnServer:
 
         def read_ready():
             for line in self.proc.stdout:
+                self.stdout_lines.append(line)
                 m = READY.search(line)
                 if m:
                     found["endpoint"] = m.group(1)
@@ -93,8 +125,9 @@ class KilnServer:
             service,
             endpoint_url=self.endpoint,
             region_name="us-east-1",
-            aws_access_key_id="AKIDKILNTEST",
-            aws_secret_access_key="kiln-test-secret-kiln-test-secret-000000",
+            aws_access_key_id=config.pop("aws_access_key_id", ACCESS_KEY),
+            aws_secret_access_key=config.pop("aws_secret_access_key", SECRET_KEY),
+            aws_session_token=config.pop("aws_session_token", None),
             config=Config(retries={"max_attempts": 1, "mode": "standard"}, read_timeout=120, **config),
         )
 

@@ -18,7 +18,7 @@ from collections import Counter
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import ROLE, create, kiln_bin
+from conftest import ACCESS_KEY, ROLE, SECRET_KEY, create, kiln_bin, signed_urlopen
 
 ARN = "arn:aws:lambda:us-east-1:000000000000"
 
@@ -583,7 +583,7 @@ def test_no_request_makes_a_500(server, artifacts):
         for body in bodies:
             req = urllib.request.Request(server.endpoint + path, data=body if method != "GET" else None, method=method)
             try:
-                with urllib.request.urlopen(req) as r:
+                with signed_urlopen(req) as r:
                     status, headers = r.status, r.headers
             except urllib.error.HTTPError as e:
                 status, headers = e.code, e.headers
@@ -597,7 +597,7 @@ def test_no_request_makes_a_500(server, artifacts):
 
 
 def aws(server, *args):
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIDKILNTEST", AWS_SECRET_ACCESS_KEY="kiln-test-secret-kiln-test-secret-000000",
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
                AWS_DEFAULT_REGION="us-east-1", AWS_MAX_ATTEMPTS="1", AWS_PAGER="")
     cli = os.path.join(os.path.dirname(os.path.realpath(os.sys.executable)), "aws")
     out = subprocess.run([cli, "--endpoint-url", server.endpoint, "--output", "json", "lambda", *args],

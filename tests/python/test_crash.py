@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import KilnServer, create
+from conftest import KilnServer, create, signed_urlopen
 
 BUILTIN_QUEUE = "arn:aws:sqs:us-east-1:000000000000:kiln-dlq"
 EVENTS = 500
@@ -49,7 +49,7 @@ def test_acknowledged_events_survive_sigkill(tmp_path, artifacts):
             req = urllib.request.Request(f"{endpoint}/2015-03-31/functions/crash-sink/invocations", data=body,
                                          method="POST", headers={"X-Amz-Invocation-Type": "Event"})
             try:
-                with urllib.request.urlopen(req, timeout=10) as r:
+                with signed_urlopen(req, timeout=10) as r:
                     if r.status == 202:
                         with lock:
                             acked[i] = r.headers["x-amzn-RequestId"]
@@ -86,7 +86,7 @@ def test_acknowledged_events_survive_sigkill(tmp_path, artifacts):
         recs, marker = [], None
         while True:
             url = f"{endpoint}/kiln/queue/crash-sink/records?MaxItems=1000" + (f"&Marker={marker}" if marker else "")
-            page = json.loads(urllib.request.urlopen(url).read())
+            page = json.loads(signed_urlopen(url).read())
             recs += page["Records"]
             marker = page.get("NextMarker")
             if not marker:

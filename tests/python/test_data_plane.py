@@ -4,6 +4,7 @@ retries, event age and destinations."""
 
 import base64
 import json
+import os
 import subprocess
 import time
 import urllib.error
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import KilnServer, create, kiln_bin
+from conftest import ROOT_ENV, KilnServer, create, kiln_bin, signed_urlopen
 
 ARN = "arn:aws:lambda:us-east-1:000000000000"
 BUILTIN_QUEUE = "arn:aws:sqs:us-east-1:000000000000:kiln-dlq"
@@ -39,7 +40,7 @@ def records(server, function, condition=None):
         url += f"&Condition={condition}"
     out, marker = [], None
     while True:
-        page = json.loads(urllib.request.urlopen(url + (f"&Marker={marker}" if marker else "")).read())
+        page = json.loads(signed_urlopen(url + (f"&Marker={marker}" if marker else "")).read())
         out += page["Records"]
         marker = page.get("NextMarker")
         if not marker:
@@ -283,7 +284,7 @@ def test_the_dlq_cli_lists_shows_and_redrives(fast, artifacts):
 
     def kiln(*args):
         out = subprocess.run([kiln_bin(), "dlq", *args, "--endpoint", fast.endpoint],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, env=dict(os.environ, **ROOT_ENV))
         assert out.returncode == 0, out.stderr
         return out.stdout
 

@@ -3,13 +3,14 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiError, AppState, Paging, host, json_body, listing};
+use crate::auth::Authenticated;
 use crate::control::requests::{
     CreateAliasRequest, CreateFunctionRequest, PublishVersionRequest, UpdateAliasRequest,
     UpdateFunctionCodeRequest, UpdateFunctionConfigurationRequest,
@@ -70,6 +71,7 @@ pub(super) async fn get(
     State(s): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<QualifierQuery>,
+    Extension(caller): Extension<Authenticated>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     let r = s.control.function_ref(&name, q.qualifier.as_deref())?;
@@ -79,14 +81,16 @@ pub(super) async fn get(
         qualifier: None,
     };
     let latest = s.control.get_function(&unqualified).await?;
-    let mut location = format!(
-        "http://{}/kiln/functions/{}/code.zip",
-        host(&headers),
-        resolved.record.name
-    );
-    if let Some(q) = &r.qualifier {
-        location.push_str(&format!("?Qualifier={q}"));
-    }
+    let path = format!("/kiln/functions/{}/code.zip", resolved.record.name);
+    let query: Vec<(&str, &str)> = r
+        .qualifier
+        .as_deref()
+        .map(|q| ("Qualifier", q))
+        .into_iter()
+        .collect();
+    let location = s
+        .auth
+        .presigned_url(&caller, &host(&headers), &path, &query);
     let mut body = json!({
         "Configuration": s.control.configuration(&resolved),
         "Code": { "RepositoryType": "S3", "Location": location },

@@ -2,13 +2,14 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, Paging, host, json_body, listing};
+use crate::auth::Authenticated;
 use crate::control::model::LayerVersionRecord;
 use crate::control::requests::{AddLayerVersionPermissionRequest, PublishLayerVersionRequest};
 
@@ -49,11 +50,17 @@ fn item(s: &AppState, l: &LayerVersionRecord) -> Value {
 }
 
 /// `GetLayerVersionResponse` / `PublishLayerVersionResponse`.
-fn full(s: &AppState, headers: &HeaderMap, l: &LayerVersionRecord) -> Value {
+fn full(
+    s: &AppState,
+    caller: &Authenticated,
+    headers: &HeaderMap,
+    l: &LayerVersionRecord,
+) -> Value {
     let mut v = item(s, l);
+    let path = format!("/kiln/layers/{}/{}/content.zip", l.name, l.version);
     v["LayerArn"] = s.control.arn().layer_arn(&l.name).into();
     v["Content"] = json!({
-        "Location": format!("http://{}/kiln/layers/{}/{}/content.zip", host(headers), l.name, l.version),
+        "Location": s.auth.presigned_url(caller, &host(headers), &path, &[]),
         "CodeSha256": l.sha256_base64,
         "CodeSize": l.code_size,
     });
@@ -69,24 +76,26 @@ fn version_number(v: &str) -> Result<u64, ApiError> {
 pub(super) async fn publish(
     State(s): State<AppState>,
     Path(layer): Path<String>,
+    Extension(caller): Extension<Authenticated>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let req: PublishLayerVersionRequest = json_body(body, "PublishLayerVersion").await?;
     let l = s.control.publish_layer_version(&layer, req).await?;
-    Ok((StatusCode::CREATED, Json(full(&s, &headers, &l))))
+    Ok((StatusCode::CREATED, Json(full(&s, &caller, &headers, &l))))
 }
 
 pub(super) async fn get_version(
     State(s): State<AppState>,
     Path((layer, version)): Path<(String, String)>,
+    Extension(caller): Extension<Authenticated>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     let l = s
         .control
         .get_layer_version(&layer, version_number(&version)?)
         .await?;
-    Ok(Json(full(&s, &headers, &l)))
+    Ok(Json(full(&s, &caller, &headers, &l)))
 }
 
 pub(super) async fn delete_version(
@@ -123,6 +132,7 @@ pub(super) async fn list_versions(
 pub(super) async fn list_or_find(
     State(s): State<AppState>,
     Query(q): Query<LayersQuery>,
+    Extension(caller): Extension<Authenticated>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     if q.find.as_deref() == Some("LayerVersion") {
@@ -130,7 +140,7 @@ pub(super) async fn list_or_find(
             .arn
             .ok_or_else(|| ApiError::invalid_parameter("Arn is required with find=LayerVersion"))?;
         let l = s.control.get_layer_version_by_arn(&arn).await?;
-        return Ok(Json(full(&s, &headers, &l)).into_response());
+        return Ok(Json(full(&s, &caller, &headers, &l)).into_response());
     }
     let (layers, next) = s
         .control

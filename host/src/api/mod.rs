@@ -7,7 +7,9 @@
 
 mod error;
 mod functions;
+mod guard;
 mod invoke;
+mod keys;
 mod layers;
 mod queue;
 mod settings;
@@ -36,6 +38,8 @@ pub struct AppState {
     pub control: Arc<ControlPlane>,
     /// Invocations.
     pub data: Arc<DataPlane>,
+    /// Signatures and policies.
+    pub auth: Arc<crate::auth::Authenticator>,
 }
 
 /// Largest control-plane request body: Lambda's limit for a direct upload
@@ -157,6 +161,16 @@ pub fn router(state: AppState) -> Router {
         .route("/kiln/queue/{name}/records", get(queue::list))
         .route("/kiln/queue/{name}/records/{id}", get(queue::show))
         .route("/kiln/queue/{name}/redrive", post(queue::redrive))
+        .route("/kiln/keys", post(keys::create_key).get(keys::list_keys))
+        .route("/kiln/keys/{id}", delete(keys::delete_key))
+        .route("/kiln/roles", post(keys::create_role).get(keys::list_roles))
+        .route("/kiln/roles/{role}", delete(keys::delete_role))
+        .route(
+            "/kiln/roles/{role}/revoke-sessions",
+            post(keys::revoke_sessions),
+        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard::guard))
+        // Unauthenticated: health checks and Prometheus scrapes.
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/ready", get(|| async { "ready" }))

@@ -1,6 +1,7 @@
 //! The HTTP client of the client subcommands: talks to a kiln server's
 //! Lambda API and signs every request with SigV4 when credentials are found
-//! (the standard AWS environment variables, else `KILN_ROOT_*`).
+//! (the standard AWS environment variables, else `KILN_ROOT_*`, else the root
+//! key a local server generated in `$KILN_DATA_DIR/keys/root-credentials`).
 
 use std::time::SystemTime;
 
@@ -192,7 +193,12 @@ fn credentials_from_env() -> Option<Credentials> {
     ) {
         return Some(Credentials::new(id, secret, None, None, "kiln-root"));
     }
-    None
+    // The root key a local server generated in its data dir.
+    let dir = var("KILN_DATA_DIR").unwrap_or_else(|| ".kiln".to_owned());
+    let text =
+        std::fs::read_to_string(std::path::Path::new(&dir).join("keys/root-credentials")).ok()?;
+    let (id, secret) = kiln::auth::keys::parse_credentials_file(&text)?;
+    Some(Credentials::new(id, secret, None, None, "kiln-data-dir"))
 }
 
 /// Percent-encodes a path segment (function names may be ARNs with ':').

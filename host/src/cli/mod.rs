@@ -85,6 +85,82 @@ pub enum Command {
         after_help = "Examples:\n  kiln invoke hello --payload '{\"name\":\"Ada\"}'\n  kiln invoke hello --output json"
     )]
     Invoke(InvokeArgs),
+    /// Access keys: each belongs to a user and carries one identity policy.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Execution roles: a function's Role; its environments get temporary
+    /// credentials that act under the role's policy.
+    #[command(subcommand)]
+    Roles(RolesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an access key for USER with the identity policy in FILE; the
+    /// secret is printed this once.
+    #[command(
+        after_help = "Example:\n  kiln keys create ci --policy invoke-only.json\n\ninvoke-only.json:\n  {\"Version\": \"2012-10-17\", \"Statement\": [{\"Effect\": \"Allow\",\n    \"Action\": \"lambda:Invoke*\", \"Resource\": \"arn:aws:lambda:*:*:function:hello*\"}]}"
+    )]
+    Create {
+        /// The key's user name.
+        user: String,
+        /// The identity policy (IAM JSON).
+        #[arg(long)]
+        policy: PathBuf,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// List access keys (never their secrets).
+    #[command(after_help = "Example:\n  kiln keys list --output json")]
+    List {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Delete an access key; requests signed with it are refused at once.
+    #[command(after_help = "Example:\n  kiln keys delete AKIA...")]
+    Delete {
+        /// The access key id.
+        access_key_id: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolesCommand {
+    /// Create a role NAME with the identity policy in FILE.
+    #[command(after_help = "Example:\n  kiln roles create worker --policy worker.json")]
+    Create {
+        /// The role's name.
+        name: String,
+        /// The identity policy (IAM JSON).
+        #[arg(long)]
+        policy: PathBuf,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// List roles.
+    #[command(after_help = "Example:\n  kiln roles list")]
+    List {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Delete a role; its sessions' credentials stop working.
+    #[command(after_help = "Example:\n  kiln roles delete worker")]
+    Delete {
+        /// The role's name.
+        name: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Refuse every credential issued to the role's sessions so far.
+    #[command(after_help = "Example:\n  kiln roles revoke-sessions worker")]
+    RevokeSessions {
+        /// The role's name.
+        name: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +243,10 @@ pub struct ServeArgs {
     /// 0.01 runs Lambda's minutes in fractions of a second, for tests.
     #[arg(long, default_value_t = 1.0)]
     pub async_time_scale: f64,
+    /// Seconds a request's SigV4 signing time may differ from the server's
+    /// clock (AWS's window: 300).
+    #[arg(long, env = "KILN_MAX_CLOCK_SKEW", default_value_t = 300)]
+    pub max_clock_skew: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -249,6 +329,146 @@ pub async fn run_client(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Invoke(args) => invoke(args).await,
+        Command::Keys(command) => keys(command).await,
+        Command::Roles(command) => roles(command).await,
+    }
+}
+
+/// Sends one admin request and prints its answer (`text`: the lines
+/// `render` makes of it).
+async fn admin(
+    endpoint: &Endpoint,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+    render: impl FnOnce(&Value) -> Vec<String>,
+) -> Result<i32> {
+    let client = Client::new(endpoint)?;
+    let body = body
+        .map(|b| serde_json::to_vec(&b))
+        .transpose()?
+        .unwrap_or_default();
+    let response = client.send(method, path, &[], body).await?.into_success()?;
+    let value = if response.body.is_empty() {
+        Value::Null
+    } else {
+        response.json()?
+    };
+    match endpoint.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Output::Text => render(&value).iter().for_each(|l| println!("{l}")),
+    }
+    Ok(0)
+}
+
+fn read_policy(path: &std::path::Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the policy {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+async fn keys(command: KeysCommand) -> Result<i32> {
+    use reqwest::Method;
+    match command {
+        KeysCommand::Create {
+            user,
+            policy,
+            endpoint,
+        } => {
+            let body = json!({ "UserName": user, "PolicyDocument": read_policy(&policy)? });
+            admin(&endpoint, Method::POST, "/kiln/keys", Some(body), |v| {
+                let k = &v["AccessKey"];
+                vec![
+                    format!(
+                        "created an access key for {}",
+                        k["UserName"].as_str().unwrap_or("")
+                    ),
+                    format!(
+                        "AWS_ACCESS_KEY_ID={}",
+                        k["AccessKeyId"].as_str().unwrap_or("")
+                    ),
+                    format!(
+                        "AWS_SECRET_ACCESS_KEY={}",
+                        k["SecretAccessKey"].as_str().unwrap_or("")
+                    ),
+                    "(the secret is shown only now)".to_owned(),
+                ]
+            })
+            .await
+        }
+        KeysCommand::List { endpoint } => {
+            admin(&endpoint, Method::GET, "/kiln/keys", None, |v| {
+                let mut lines = vec![format!(
+                    "{:<24} {:<20} {}",
+                    "ACCESS KEY ID", "USER", "CREATED"
+                )];
+                for k in v["AccessKeys"].as_array().into_iter().flatten() {
+                    lines.push(format!(
+                        "{:<24} {:<20} {}",
+                        k["AccessKeyId"].as_str().unwrap_or(""),
+                        k["UserName"].as_str().unwrap_or(""),
+                        k["CreateDate"].as_str().unwrap_or("")
+                    ));
+                }
+                lines
+            })
+            .await
+        }
+        KeysCommand::Delete {
+            access_key_id,
+            endpoint,
+        } => {
+            let path = format!("/kiln/keys/{}", path_segment(&access_key_id));
+            admin(&endpoint, Method::DELETE, &path, None, |_| {
+                vec![format!("deleted {access_key_id}")]
+            })
+            .await
+        }
+    }
+}
+
+async fn roles(command: RolesCommand) -> Result<i32> {
+    use reqwest::Method;
+    match command {
+        RolesCommand::Create {
+            name,
+            policy,
+            endpoint,
+        } => {
+            let body = json!({ "RoleName": name, "PolicyDocument": read_policy(&policy)? });
+            admin(&endpoint, Method::POST, "/kiln/roles", Some(body), |v| {
+                vec![format!(
+                    "created role {}: use it as a function's Role",
+                    v["Role"]["Arn"].as_str().unwrap_or("")
+                )]
+            })
+            .await
+        }
+        RolesCommand::List { endpoint } => {
+            admin(&endpoint, Method::GET, "/kiln/roles", None, |v| {
+                v["Roles"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| r["Arn"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .await
+        }
+        RolesCommand::Delete { name, endpoint } => {
+            let path = format!("/kiln/roles/{}", path_segment(&name));
+            admin(&endpoint, Method::DELETE, &path, None, |_| {
+                vec![format!("deleted role {name}")]
+            })
+            .await
+        }
+        RolesCommand::RevokeSessions { name, endpoint } => {
+            let path = format!("/kiln/roles/{}/revoke-sessions", path_segment(&name));
+            admin(&endpoint, Method::POST, &path, None, |_| {
+                vec![format!("revoked every session of {name} issued so far")]
+            })
+            .await
+        }
     }
 }
 

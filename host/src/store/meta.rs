@@ -73,6 +73,10 @@ pub enum Kind {
     Provisioned,
     /// An event-invoke config (scope: function, key: qualifier).
     EventInvoke,
+    /// An access key (scope `""`, key: access key id).
+    AccessKey,
+    /// An execution role (scope `""`, key: role name).
+    Role,
 }
 
 impl Kind {
@@ -87,6 +91,8 @@ impl Kind {
             Kind::LayerPolicy => "layer-policy",
             Kind::Provisioned => "provisioned",
             Kind::EventInvoke => "event-invoke",
+            Kind::AccessKey => "access-key",
+            Kind::Role => "role",
         }
     }
 }

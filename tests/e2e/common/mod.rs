@@ -28,6 +28,10 @@ impl Server {
             .arg(data_dir)
             .args(extra)
             .env("KILN_LOG", "warn")
+            // The server generates its root key into the data dir; clients
+            // find it there (see `kiln`).
+            .env_remove("KILN_ROOT_ACCESS_KEY_ID")
+            .env_remove("KILN_ROOT_SECRET_ACCESS_KEY")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -65,6 +69,11 @@ impl Server {
         Command::new(kiln_bin())
             .args(args)
             .env("KILN_ENDPOINT", &self.endpoint)
+            .env("KILN_DATA_DIR", &self.data_dir)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("KILN_ROOT_ACCESS_KEY_ID")
+            .env_remove("KILN_ROOT_SECRET_ACCESS_KEY")
             .output()
             .expect("running kiln")
     }

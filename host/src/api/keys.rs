@@ -1,0 +1,151 @@
+//! kiln's credential administration: access keys and execution roles
+//! (`kiln keys ...`, `kiln roles ...`). Root, or a key whose policy allows
+//! the `kiln:` action, may call these.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, json_body};
+use crate::auth::keys::KeyError;
+use crate::auth::policy::PolicyDocument;
+
+/// Largest identity policy, as IAM's managed-policy limit.
+const MAX_POLICY: usize = 6144;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct CreateKey {
+    #[serde(rename = "UserName")]
+    user_name: String,
+    #[serde(rename = "PolicyDocument")]
+    policy_document: Value,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct CreateRole {
+    #[serde(rename = "RoleName")]
+    role_name: String,
+    #[serde(rename = "PolicyDocument")]
+    policy_document: Value,
+}
+
+/// A policy given as a JSON string (as IAM takes it) or as an object,
+/// validated as an identity policy.
+fn identity_policy(doc: Value) -> Result<Value, ApiError> {
+    let doc = match doc {
+        Value::String(text) => serde_json::from_str(&text).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "MalformedPolicyDocumentException",
+                format!("PolicyDocument is not JSON: {e}"),
+            )
+        })?,
+        other => other,
+    };
+    let text = doc.to_string();
+    if text.len() > MAX_POLICY {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MalformedPolicyDocumentException",
+            format!(
+                "PolicyDocument is {} bytes; at most {MAX_POLICY} are allowed",
+                text.len()
+            ),
+        ));
+    }
+    PolicyDocument::parse_identity(&text).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MalformedPolicyDocumentException",
+            e.to_string(),
+        )
+    })?;
+    Ok(doc)
+}
+
+fn key_error(e: KeyError) -> ApiError {
+    match e {
+        KeyError::Invalid(m) => ApiError::invalid_parameter(m),
+        KeyError::NotFound(m) => {
+            ApiError::new(StatusCode::NOT_FOUND, "ResourceNotFoundException", m)
+        }
+        other => {
+            tracing::error!(error = %other, "credential store");
+            ApiError::internal("The credential store failed; see the server log")
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KeyError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(key_error)
+}
+
+pub(super) async fn create_key(
+    State(s): State<AppState>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: CreateKey = json_body(body, "CreateAccessKey").await?;
+    let policy = identity_policy(req.policy_document)?;
+    let creds = s.auth.credentials().clone();
+    let key = blocking(move || creds.create_key(&req.user_name, policy)).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "AccessKey": key }))))
+}
+
+pub(super) async fn list_keys(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let creds = s.auth.credentials().clone();
+    let keys = blocking(move || creds.list_keys()).await?;
+    Ok(Json(json!({ "AccessKeys": keys })))
+}
+
+pub(super) async fn delete_key(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let creds = s.auth.credentials().clone();
+    blocking(move || creds.delete_key(&id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn create_role(
+    State(s): State<AppState>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: CreateRole = json_body(body, "CreateRole").await?;
+    let policy = identity_policy(req.policy_document)?;
+    let creds = s.auth.credentials().clone();
+    let role = blocking(move || creds.create_role(&req.role_name, policy)).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "Role": role }))))
+}
+
+pub(super) async fn list_roles(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let creds = s.auth.credentials().clone();
+    let roles = blocking(move || creds.list_roles()).await?;
+    Ok(Json(json!({ "Roles": roles })))
+}
+
+pub(super) async fn delete_role(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let creds = s.auth.credentials().clone();
+    blocking(move || creds.delete_role(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn revoke_sessions(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let creds = s.auth.credentials().clone();
+    blocking(move || creds.revoke_sessions(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,180 @@
+"""Authentication and authorization end to end: SigV4 as boto3, the AWS CLI
+and urllib sign it, access keys with identity policies, resource policies
+from AddPermission, presigned links, and the root key a fresh data dir
+generates."""
+
+import datetime
+import json
+import os
+import stat
+import subprocess
+import urllib.error
+import urllib.request
+
+import botocore.auth
+import pytest
+from botocore.exceptions import ClientError
+
+from conftest import ROOT_ENV, KilnServer, create, kiln_bin, sign
+
+ARN = "arn:aws:lambda:us-east-1:000000000000"
+
+
+def error_of(call):
+    try:
+        call()
+    except ClientError as e:
+        return e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"], e.response["Error"]["Message"]
+    raise AssertionError("the call succeeded")
+
+
+def http_error(req):
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    body = json.loads(e.value.read() or b"{}")
+    return e.value.code, e.value.headers.get("x-amzn-ErrorType"), body.get("message", "")
+
+
+def test_wrong_secret_and_unknown_keys_are_refused(server):
+    bad = server.client(aws_secret_access_key="x" * 40)
+    assert error_of(bad.list_functions)[:2] == ("InvalidSignatureException", 403)
+    unknown = server.client(aws_access_key_id="AKIAUNKNOWNKEY000")
+    code, status, message = error_of(unknown.list_functions)
+    assert (code, status) == ("UnrecognizedClientException", 403)
+    assert "security token" in message
+
+
+def test_unsigned_and_altered_requests_are_refused(server):
+    status, kind, message = http_error(urllib.request.Request(server.endpoint + "/2015-03-31/functions/"))
+    assert (status, kind) == (403, "MissingAuthenticationTokenException")
+    assert "Signature Version 4" in message
+    # Health checks and metrics stay open.
+    assert urllib.request.urlopen(server.endpoint + "/health").read() == b"ok"
+
+    # The body is part of the signature.
+    req = urllib.request.Request(server.endpoint + "/2015-03-31/functions/none/invocations",
+                                 data=b'{"a": 1}', method="POST")
+    sign(req)
+    req.data = b'{"a": 2}'
+    assert http_error(req)[:2] == (403, "InvalidSignatureException")
+
+    # So is every signed header.
+    req = urllib.request.Request(server.endpoint + "/2015-03-31/functions/", headers={"X-Amz-Target": "a"})
+    sign(req)
+    req.add_unredirected_header("X-amz-target", "b")
+    assert http_error(req)[:2] == (403, "InvalidSignatureException")
+
+
+@pytest.mark.parametrize("minutes,accepted", [(-4, True), (4, True), (-6, False), (6, False)])
+def test_clock_skew_window_is_five_minutes(server, monkeypatch, minutes, accepted):
+    real = botocore.auth.get_current_datetime
+    monkeypatch.setattr(botocore.auth, "get_current_datetime",
+                        lambda: real() + datetime.timedelta(minutes=minutes))
+    lam = server.client()
+    if accepted:
+        lam.list_functions()
+    else:
+        code, status, message = error_of(lam.list_functions)
+        assert (code, status) == ("InvalidSignatureException", 403)
+        assert "Signature expired" in message or "not yet current" in message
+
+
+def kiln(server, *args):
+    out = subprocess.run([kiln_bin(), *args, "--endpoint", server.endpoint, "--output", "json"],
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, **ROOT_ENV))
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout) if out.stdout.strip() else None
+
+
+def test_identity_and_resource_policies(server, lam, artifacts, tmp_path):
+    for name in ("sec-open", "sec-closed", "sec-shared", "sec-denied"):
+        create(lam, name, artifacts["hello"])
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "lambda:Invoke*", "Resource": [f"{ARN}:function:sec-open", f"{ARN}:function:sec-open:*"]},
+        {"Effect": "Allow", "Action": "lambda:Get*", "Resource": "*"},
+        {"Effect": "Deny", "Action": "lambda:GetPolicy", "Resource": "*"},
+        {"Effect": "Deny", "NotAction": "lambda:Get*", "Resource": f"{ARN}:function:sec-denied"},
+    ]}
+    path = tmp_path / "alice.json"
+    path.write_text(json.dumps(policy))
+    key = kiln(server, "keys", "create", "alice", "--policy", str(path))["AccessKey"]
+    alice = server.client(aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+
+    assert alice.invoke(FunctionName="sec-open", Payload=b'{"name": "a"}')["StatusCode"] == 200
+    assert alice.invoke(FunctionName="sec-open", Qualifier="$LATEST")["StatusCode"] == 200
+    code, status, message = error_of(lambda: alice.invoke(FunctionName="sec-closed"))
+    assert (code, status) == ("AccessDeniedException", 403)
+    assert message == (f"User: arn:aws:iam::000000000000:user/alice is not authorized to perform: "
+                       f"lambda:InvokeFunction on resource: {ARN}:function:sec-closed because no "
+                       f"identity-based policy allows the lambda:InvokeFunction action")
+    # Allowed by lambda:Get*, except where an explicit Deny says otherwise.
+    assert alice.get_function(FunctionName="sec-closed")["Configuration"]["FunctionName"] == "sec-closed"
+    code, _, message = error_of(lambda: alice.get_policy(FunctionName="sec-open"))
+    assert code == "AccessDeniedException" and "explicit deny" in message
+    # Nothing else: no writes, no key administration.
+    assert error_of(lambda: alice.delete_function(FunctionName="sec-open"))[0] == "AccessDeniedException"
+    req = urllib.request.Request(server.endpoint + "/kiln/keys")
+    sign(req, access_key=key["AccessKeyId"], secret_key=key["SecretAccessKey"])
+    assert http_error(req)[:2] == (403, "AccessDeniedException")
+
+    # A resource policy naming alice allows what her own policy does not...
+    alice_arn = "arn:aws:iam::000000000000:user/alice"
+    lam.add_permission(FunctionName="sec-shared", StatementId="alice", Action="lambda:InvokeFunction",
+                       Principal=alice_arn)
+    assert alice.invoke(FunctionName="sec-shared")["StatusCode"] == 200
+    # ...but not past her explicit Deny.
+    lam.add_permission(FunctionName="sec-denied", StatementId="alice", Action="lambda:InvokeFunction",
+                       Principal=alice_arn)
+    code, _, message = error_of(lambda: alice.invoke(FunctionName="sec-denied"))
+    assert code == "AccessDeniedException" and "explicit deny" in message
+
+    # Keys are listed without secrets, and a deleted key stops working.
+    listed = kiln(server, "keys", "list")["AccessKeys"]
+    assert [k["UserName"] for k in listed] == ["alice"]
+    assert key["SecretAccessKey"] not in json.dumps(listed)
+    kiln(server, "keys", "delete", key["AccessKeyId"])
+    assert error_of(alice.list_functions)[0] == "UnrecognizedClientException"
+
+
+def test_bad_policies_are_refused_with_the_reason(server, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"Statement": [{"Effect": "allow", "Action": "*", "Resource": "*"}]}))
+    out = subprocess.run([kiln_bin(), "keys", "create", "bob", "--policy", str(path), "--endpoint", server.endpoint],
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, **ROOT_ENV))
+    assert out.returncode != 0
+    assert "MalformedPolicyDocumentException" in out.stderr and '"allow"' in out.stderr, out.stderr
+
+
+def test_presigned_links_carry_the_callers_rights(server, lam, artifacts):
+    create(lam, "sec-code", artifacts["hello"])
+    location = lam.get_function(FunctionName="sec-code")["Code"]["Location"]
+    assert "X-Amz-Signature=" in location and "X-Amz-Expires=600" in location
+    assert urllib.request.urlopen(location).read() == artifacts["hello"]
+    # An altered link is refused.
+    status, kind, _ = http_error(location.replace("sec-code", "sec-cod"))
+    assert (status, kind) == (403, "InvalidSignatureException")
+
+
+def test_a_new_data_dir_generates_root_credentials_once(tmp_path):
+    data = tmp_path / "data"
+    srv = KilnServer(data, root_env=False).start()
+    try:
+        printed = "".join(srv.stdout_lines)
+        creds = data / "keys" / "root-credentials"
+        assert f"saved in {creds}" in printed, printed
+        assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+        text = creds.read_text()
+        key_id = text.split("aws_access_key_id = ")[1].split()[0]
+        secret = text.split("aws_secret_access_key = ")[1].split()[0]
+        assert f"AWS_SECRET_ACCESS_KEY={secret}" in printed
+        lam = srv.client(aws_access_key_id=key_id, aws_secret_access_key=secret)
+        assert lam.list_functions()["Functions"] == []
+        # The secret never reaches the log.
+        assert secret not in "".join(srv.stderr_lines)
+    finally:
+        srv.stop()
+    again = KilnServer(data, root_env=False).start()
+    try:
+        assert "generated root credentials" not in "".join(again.stdout_lines)
+    finally:
+        again.stop()
