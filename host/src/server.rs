@@ -4,7 +4,11 @@
 //! Data dir layout (created mode 0700):
 //! - `kiln.lock`   held (flock) while a server uses the dir: one server per dir;
 //! - `kiln.db`     the metadata store (SQLite, WAL);
-//! - `code/`       code archives and their unpacked files;
+//! - `keys/`       the master key (`master.key`, 0600, unless
+//!   `KILN_MASTER_KEY` is set) and the sealed convergence secret;
+//! - `code/`       code and layer archives, sealed (encrypted, chunks
+//!   deduplicated: `store::sealed`);
+//! - `cache/code/` their unpacked files (plaintext), emptied at start;
 //! - `compiled/`   compiled components;
 //! - `envs/`       per-environment scratch space (`/tmp`), emptied at start.
 
@@ -32,6 +36,7 @@ use crate::sandbox::{Sandbox, SandboxKind, Sandboxes};
 use crate::store::artifacts::{ArchiveLimits, ArtifactStore};
 use crate::store::meta::MetaStore;
 use crate::store::queue::{QueueError, QueueStore};
+use crate::store::sealed::{MasterKey, SealError, SealedStore};
 
 /// Everything `kiln serve` can be told.
 #[derive(Debug, Clone)]
@@ -129,6 +134,12 @@ pub enum StartError {
     /// The event queue could not be opened.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// The master key or the sealed archives could not be opened.
+    #[error(transparent)]
+    Sealed(#[from] SealError),
+    /// Stored archives could not be opened.
+    #[error(transparent)]
+    Artifacts(#[from] crate::store::artifacts::ArtifactError),
     /// The Wasm engine could not be set up.
     #[error("Wasm engine: {0}")]
     Wasm(#[from] kiln_wasm::CompileError),
@@ -197,8 +208,14 @@ impl Server {
         let lock = lock_data_dir(dir)?;
 
         let meta = Arc::new(MetaStore::open(&dir.join("kiln.db"))?);
-        let artifacts = ArtifactStore::open(dir.join("code"), ArchiveLimits::default())
-            .map_err(data_dir_error(dir))?;
+        let sealed = SealedStore::open(dir.join("code"), dir.join("keys"), MasterKey::from_env()?)?;
+        tracing::info!(key_id = %sealed.master_key_id(), "code archives sealed under master key");
+        // The plaintext cache is emptied by `open`: it must not outlive us.
+        let artifacts = ArtifactStore::open(
+            sealed,
+            dir.join("cache").join("code"),
+            ArchiveLimits::default(),
+        )?;
         let mut wasm_config = RuntimeConfig::new(dir.join("compiled"));
         wasm_config.max_environments = config.max_environments;
         let runtime = Arc::new(Runtime::new(wasm_config)?);

@@ -447,10 +447,8 @@ impl ControlPlane {
     /// Checks sizes and prepares the code for its runtime.
     async fn prepare_checked(&self, record: &FunctionRecord) -> Result<PreparedCode, ControlError> {
         check_total_size(record)?;
-        Ok(self
-            .data
-            .prepare(record, self.artifacts.dir(&record.code_sha256_hex))
-            .await?)
+        let task_dir = self.task_dir(&record.code_sha256_hex).await?;
+        Ok(self.data.prepare(record, task_dir).await?)
     }
 
     pub(super) async fn commit_latest(&self, record: &FunctionRecord) -> Result<(), ControlError> {

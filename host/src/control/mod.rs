@@ -252,7 +252,20 @@ impl ControlPlane {
                 .map_err(|e| ControlError::Internal(format!("merging layers: {e}")))
         })
         .await?;
-        Ok((self.artifacts.dir(&record.code_sha256_hex), opt))
+        Ok((self.task_dir(&record.code_sha256_hex).await?, opt))
+    }
+
+    /// The `/var/task` directory of an archive, unpacked from the sealed
+    /// store if the cache lacks it.
+    async fn task_dir(&self, sha256_hex: &str) -> Result<std::path::PathBuf, ControlError> {
+        let artifacts = self.artifacts.clone();
+        let sha256_hex = sha256_hex.to_owned();
+        blocking(move || {
+            artifacts
+                .ensure_dir(&sha256_hex)
+                .map_err(|e| ControlError::Internal(format!("unpacking the code archive: {e}")))
+        })
+        .await
     }
 
     /// Parses a `FunctionName` path parameter plus an optional `Qualifier`.

@@ -1,23 +1,33 @@
-//! Code archives: validated, unpacked once per content hash, kept under the
-//! data dir.
+//! Code archives: validated, sealed at rest, unpacked on demand into a
+//! cache of plaintext trees.
 //!
-//! Layout: `<root>/<sha256-hex>.zip` (the archive as uploaded) and
-//! `<root>/<sha256-hex>/` (its files, read-only, shown to functions at
-//! `/var/task`). Functions that upload the same bytes share both.
+//! Each archive is sealed (see [`super::sealed`]) under the identity
+//! `code/<sha256-hex>`; layers are archives too. Its files are unpacked to
+//! `<cache>/<sha256-hex>/` (read-only, shown to functions at `/var/task`)
+//! and layer lists merged into `<cache>/opt-<key>/`. The cache is plaintext
+//! and must not outlive the server: it is emptied when the store opens and
+//! a tree missing from it is unpacked again from the sealed archive, with
+//! the same validation as an upload. Functions that upload the same bytes
+//! share the archive and its tree.
 //!
 //! Threat model: the archive is hostile. Unpacking refuses what a trusted
 //! unzipper refuses — absolute paths, `..`, NUL bytes, backslashes,
 //! symlinks, devices, duplicate names, encryption — and counts inflated
 //! bytes while inflating, so a zip bomb stops at the limit with flat memory.
+//! The sealed store is hostile too: an altered archive fails closed
+//! ([`ArtifactError::Sealed`]) instead of being unpacked.
 
 use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Cursor, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use aws_lc_rs::digest;
 use base64::Engine as _;
+
+use super::sealed::{MasterKey, RotationReport, SealError, SealStats, SealedStore};
 
 /// Limits on uploaded archives, Lambda's by default.
 #[derive(Debug, Clone, Copy)]
@@ -92,12 +102,16 @@ pub enum ArtifactError {
     /// Storage failed on the server side.
     #[error("storing the archive: {0}")]
     Io(#[from] io::Error),
+    /// The sealed archive is missing, does not authenticate, or could not
+    /// be sealed.
+    #[error(transparent)]
+    Sealed(#[from] SealError),
 }
 
 impl ArtifactError {
     /// Whether the uploader caused the error (as opposed to the server).
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, ArtifactError::Io(_))
+        !matches!(self, ArtifactError::Io(_) | ArtifactError::Sealed(_))
     }
 }
 
@@ -114,26 +128,36 @@ pub struct StoredArchive {
     pub unzipped_size: u64,
 }
 
-/// The archive store under one directory.
+/// The archive store: sealed archives plus their unpacked cache.
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
-    root: PathBuf,
+    sealed: Arc<SealedStore>,
+    cache: PathBuf,
     limits: ArchiveLimits,
 }
 
 impl ArtifactStore {
-    /// Opens (creating) the store at `root`, removing half-written leftovers
-    /// of a previous run.
-    pub fn open(root: impl Into<PathBuf>, limits: ArchiveLimits) -> io::Result<Self> {
-        let root = root.into();
-        fs::create_dir_all(&root)?;
-        for entry in fs::read_dir(&root)? {
-            let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
-                remove_tree(&entry.path())?;
-            }
-        }
-        Ok(Self { root, limits })
+    /// Opens the store over `sealed`, with unpacked trees under `cache`,
+    /// which is emptied: plaintext does not outlive a server. Archives an
+    /// older kiln kept in plaintext in the sealed store's root are sealed
+    /// and their plaintext removed.
+    pub fn open(
+        sealed: SealedStore,
+        cache: impl Into<PathBuf>,
+        limits: ArchiveLimits,
+    ) -> Result<Self, ArtifactError> {
+        let cache = cache.into();
+        remove_tree(&cache)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cache)?;
+        seal_plaintext_archives(&sealed)?;
+        Ok(Self {
+            sealed: Arc::new(sealed),
+            cache,
+            limits,
+        })
     }
 
     /// The limits in force.
@@ -141,8 +165,24 @@ impl ArtifactStore {
         self.limits
     }
 
+    /// The sealed store under the archives.
+    pub fn sealed(&self) -> &SealedStore {
+        &self.sealed
+    }
+
+    /// Counts and sizes of the sealed archives (see [`SealStats`]).
+    pub fn stats(&self) -> Result<SealStats, ArtifactError> {
+        Ok(self.sealed.stats()?)
+    }
+
+    /// Rotates the master key to a new random one (see
+    /// [`SealedStore::rotate_master`]).
+    pub fn rotate_master(&self) -> Result<RotationReport, ArtifactError> {
+        Ok(self.sealed.rotate_master(MasterKey::generate()?)?)
+    }
+
     /// Validates `zip`, unpacks it (unless the same bytes are already
-    /// stored) and keeps the archive.
+    /// unpacked) and seals it (unless the same bytes are already sealed).
     pub fn put(&self, zip: &[u8]) -> Result<StoredArchive, ArtifactError> {
         let size = zip.len() as u64;
         if size > self.limits.max_zipped {
@@ -155,30 +195,12 @@ impl ArtifactStore {
         let sha256_hex = hex(sha.as_ref());
         let sha256_base64 = base64::engine::general_purpose::STANDARD.encode(sha.as_ref());
 
-        let dir = self.dir(&sha256_hex);
-        let zip_path = self.zip_path(&sha256_hex);
-        let unzipped_size = if dir.is_dir() && zip_path.is_file() {
-            // Same bytes as a stored archive: already validated and unpacked.
-            tree_size(&dir)?
-        } else {
-            let tmp = self.root.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
-            let unpacked = unpack(zip, &tmp, &self.limits);
-            let unzipped = match unpacked {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = remove_tree(&tmp);
-                    return Err(e);
-                }
-            };
-            write_file_atomically(&self.root, &zip_path, zip)?;
-            match fs::rename(&tmp, &dir) {
-                Ok(()) => {}
-                // Another upload of the same bytes won the race.
-                Err(_) if dir.is_dir() => remove_tree(&tmp)?,
-                Err(e) => return Err(e.into()),
-            }
-            unzipped
-        };
+        // Unpacking validates: nothing is sealed for a refused archive.
+        let unzipped_size = self.unpack_into_cache(&sha256_hex, zip)?;
+        let identity = identity(&sha256_hex);
+        if !self.sealed.contains(&identity) {
+            self.sealed.put(&identity, zip)?;
+        }
         Ok(StoredArchive {
             sha256_hex,
             sha256_base64,
@@ -187,25 +209,27 @@ impl ArtifactStore {
         })
     }
 
-    /// The directory holding the unpacked files of an archive.
-    pub fn dir(&self, sha256_hex: &str) -> PathBuf {
-        self.root.join(sha256_hex)
+    /// The directory holding the unpacked files of an archive, unpacked
+    /// again from the sealed archive when the cache lacks it.
+    pub fn ensure_dir(&self, sha256_hex: &str) -> Result<PathBuf, ArtifactError> {
+        let dir = self.cache_dir(sha256_hex)?;
+        if !dir.is_dir() {
+            let zip = self.sealed.get(&identity(sha256_hex))?;
+            self.unpack_into_cache(sha256_hex, &zip)?;
+        }
+        Ok(dir)
     }
 
-    /// The stored archive file.
-    pub fn zip_path(&self, sha256_hex: &str) -> PathBuf {
-        self.root.join(format!("{sha256_hex}.zip"))
-    }
-
-    /// Reads the archive as uploaded.
-    pub fn read_zip(&self, sha256_hex: &str) -> io::Result<Vec<u8>> {
-        fs::read(self.zip_path(sha256_hex))
+    /// Reads the archive as uploaded, authenticated.
+    pub fn read_zip(&self, sha256_hex: &str) -> Result<Vec<u8>, ArtifactError> {
+        self.cache_dir(sha256_hex)?;
+        Ok(self.sealed.get(&identity(sha256_hex))?)
     }
 
     /// Reads one unpacked file, `path` being relative to the archive root.
     pub fn read_file(&self, sha256_hex: &str, path: &str) -> Result<Vec<u8>, ArtifactError> {
         let rel = safe_relative(path).ok_or_else(|| ArtifactError::MissingFile(path.to_owned()))?;
-        let full = self.dir(sha256_hex).join(rel);
+        let full = self.ensure_dir(sha256_hex)?.join(rel);
         match fs::symlink_metadata(&full) {
             Ok(m) if m.is_file() => Ok(fs::read(&full)?),
             Ok(_) => Err(ArtifactError::MissingFile(path.to_owned())),
@@ -219,52 +243,54 @@ impl ArtifactStore {
     /// The directory that merges layers in order (later ones win where
     /// paths collide), built once per list of archives; `None` for none.
     /// Files are hard links to the layers' own (read-only) files.
-    pub fn merged_layers(&self, layers: &[String]) -> io::Result<Option<PathBuf>> {
+    pub fn merged_layers(&self, layers: &[String]) -> Result<Option<PathBuf>, ArtifactError> {
         if layers.is_empty() {
             return Ok(None);
         }
         let dir = self
-            .root
+            .cache
             .join(format!("{MERGED_PREFIX}{}", merged_key(layers)));
         if dir.is_dir() {
             return Ok(Some(dir));
         }
-        let tmp = self.root.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
-        fs::create_dir(&tmp)?;
-        let built = layers
+        let sources = layers
             .iter()
-            .try_for_each(|sha| overlay(&self.dir(sha), &tmp));
+            .map(|sha| self.ensure_dir(sha))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tmp = self.cache.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+        fs::create_dir(&tmp)?;
+        let built = sources.iter().try_for_each(|src| overlay(src, &tmp));
         if let Err(e) = built {
             let _ = remove_tree(&tmp);
-            return Err(e);
+            return Err(e.into());
         }
         match fs::rename(&tmp, &dir) {
             Ok(()) => {}
             Err(_) if dir.is_dir() => remove_tree(&tmp)?,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         Ok(Some(dir))
     }
 
     /// Removes every archive and merged directory not named in `keep`
-    /// (hex SHA-256s of archives, and archive lists of merged layers).
-    /// Callers serialize it with every write to the store.
+    /// (hex SHA-256s of archives, and archive lists of merged layers),
+    /// and the chunks only they used; returns how many archives and cached
+    /// directories went. Callers serialize it with every write to the store.
     pub fn sweep(
         &self,
         keep_archives: &HashSet<String>,
         keep_merged: &[Vec<String>],
-    ) -> io::Result<usize> {
+    ) -> Result<usize, ArtifactError> {
+        let keep: HashSet<String> = keep_archives.iter().map(|sha| identity(sha)).collect();
+        let mut removed = self.sealed.sweep(&keep)?.blobs;
         let merged: HashSet<String> = keep_merged
             .iter()
             .map(|l| format!("{MERGED_PREFIX}{}", merged_key(l)))
             .collect();
-        let mut removed = 0;
-        for entry in fs::read_dir(&self.root)? {
+        for entry in fs::read_dir(&self.cache)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let keep = if let Some(sha) = name.strip_suffix(".zip") {
-                keep_archives.contains(sha)
-            } else if name.starts_with(MERGED_PREFIX) {
+            let keep = if name.starts_with(MERGED_PREFIX) {
                 merged.contains(&name)
             } else if name.starts_with(".tmp-") {
                 true
@@ -284,15 +310,77 @@ impl ArtifactStore {
         Ok(removed)
     }
 
-    /// Deletes an archive and its files.
-    pub fn remove(&self, sha256_hex: &str) -> io::Result<()> {
-        match fs::remove_file(self.zip_path(sha256_hex)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        remove_tree(&self.dir(sha256_hex))
+    /// Deletes an archive and its unpacked files (its chunks go at the next
+    /// sweep).
+    pub fn remove(&self, sha256_hex: &str) -> Result<(), ArtifactError> {
+        let dir = self.cache_dir(sha256_hex)?;
+        self.sealed.remove(&identity(sha256_hex))?;
+        Ok(remove_tree(&dir)?)
     }
+
+    /// Where an archive's files are unpacked; only hex digests name one.
+    fn cache_dir(&self, sha256_hex: &str) -> Result<PathBuf, ArtifactError> {
+        if sha256_hex.len() != 64 || !sha256_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(SealError::Identity(identity(sha256_hex)).into());
+        }
+        Ok(self.cache.join(sha256_hex))
+    }
+
+    /// Unpacks `zip` (whose digest is `sha256_hex`) into the cache unless
+    /// it is there; the unpacked size.
+    fn unpack_into_cache(&self, sha256_hex: &str, zip: &[u8]) -> Result<u64, ArtifactError> {
+        let dir = self.cache_dir(sha256_hex)?;
+        if dir.is_dir() {
+            // Same bytes as an archive already validated and unpacked.
+            return Ok(tree_size(&dir)?);
+        }
+        let tmp = self.cache.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+        let unzipped = match unpack(zip, &tmp, &self.limits) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = remove_tree(&tmp);
+                return Err(e);
+            }
+        };
+        match fs::rename(&tmp, &dir) {
+            Ok(()) => {}
+            // Another unpacking of the same bytes won the race.
+            Err(_) if dir.is_dir() => remove_tree(&tmp)?,
+            Err(e) => return Err(e.into()),
+        }
+        Ok(unzipped)
+    }
+}
+
+/// The sealed identity of an archive.
+fn identity(sha256_hex: &str) -> String {
+    format!("code/{sha256_hex}")
+}
+
+/// Seals archives an older kiln kept in plaintext (`<root>/<sha>.zip`,
+/// with trees `<root>/<sha>/` and `<root>/opt-*`), then removes the
+/// plaintext. A file whose digest is not its name is left alone.
+fn seal_plaintext_archives(sealed: &SealedStore) -> Result<(), ArtifactError> {
+    let root = sealed.root();
+    let is_sha = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    for entry in fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if let Some(sha) = name.strip_suffix(".zip").filter(|s| is_sha(s)) {
+            let zip = fs::read(&path)?;
+            if hex(digest::digest(&digest::SHA256, &zip).as_ref()) != sha {
+                tracing::warn!(path = %path.display(), "not sealing a plaintext archive whose digest is not its name");
+                continue;
+            }
+            sealed.put(&identity(sha), &zip)?;
+            fs::remove_file(&path)?;
+            tracing::info!(sha256 = sha, "sealed a plaintext archive");
+        } else if (is_sha(&name) || name.starts_with(MERGED_PREFIX)) && path.is_dir() {
+            remove_tree(&path)?;
+        }
+    }
+    Ok(())
 }
 
 const MERGED_PREFIX: &str = "opt-";
@@ -446,14 +534,6 @@ fn unpack(zip: &[u8], dest: &Path, limits: &ArchiveLimits) -> Result<u64, Artifa
     Ok(total)
 }
 
-fn write_file_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
-}
-
 fn tree_size(dir: &Path) -> io::Result<u64> {
     let mut total = 0;
     for entry in fs::read_dir(dir)? {
@@ -508,9 +588,27 @@ pub(crate) mod tests {
         w.finish().unwrap().into_inner()
     }
 
+    /// Builds a zip of uncompressed entries: cheap for large contents.
+    fn stored_zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .unix_permissions(0o644);
+        for (name, data) in entries {
+            w.start_file(*name, opts).unwrap();
+            w.write_all(data).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    fn open_in(dir: &Path, limits: ArchiveLimits) -> ArtifactStore {
+        let sealed = SealedStore::open(dir.join("code"), dir.join("keys"), None).unwrap();
+        ArtifactStore::open(sealed, dir.join("cache/code"), limits).unwrap()
+    }
+
     fn store(limits: ArchiveLimits) -> (tempfile::TempDir, ArtifactStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = ArtifactStore::open(dir.path().join("code"), limits).unwrap();
+        let store = open_in(dir.path(), limits);
         (dir, store)
     }
 
@@ -532,18 +630,28 @@ pub(crate) mod tests {
             store.read_file(&a.sha256_hex, "./function.wasm").unwrap(),
             b"abc"
         );
-        let mode = fs::metadata(store.dir(&a.sha256_hex).join("bin/bootstrap"))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = fs::metadata(
+            store
+                .ensure_dir(&a.sha256_hex)
+                .unwrap()
+                .join("bin/bootstrap"),
+        )
+        .unwrap()
+        .permissions()
+        .mode();
         assert_eq!(mode & 0o777, 0o555);
         assert_eq!(store.put(&zip).unwrap(), a, "same bytes, same artifact");
         assert!(matches!(
             store.read_file(&a.sha256_hex, "../x"),
             Err(ArtifactError::MissingFile(_))
         ));
+        assert_eq!(store.read_zip(&a.sha256_hex).unwrap(), zip);
         store.remove(&a.sha256_hex).unwrap();
-        assert!(!store.dir(&a.sha256_hex).exists());
+        assert!(!store.cache.join(&a.sha256_hex).exists());
+        assert!(matches!(
+            store.read_zip(&a.sha256_hex),
+            Err(ArtifactError::Sealed(SealError::Missing(_)))
+        ));
     }
 
     #[test]
@@ -567,8 +675,9 @@ pub(crate) mod tests {
             }
         }
         // Nothing of a refused archive is left behind.
-        let left: Vec<_> = fs::read_dir(&store.root).unwrap().collect();
+        let left: Vec<_> = fs::read_dir(&store.cache).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
+        assert_eq!(store.stats().unwrap(), SealStats::default());
     }
 
     #[test]
@@ -628,10 +737,147 @@ pub(crate) mod tests {
 
         let keep: HashSet<String> = [a.sha256_hex.clone()].into();
         let removed = store.sweep(&keep, &[]).unwrap();
-        assert_eq!(removed, 3, "b's zip, b's files, the merged dir");
-        assert!(store.dir(&a.sha256_hex).is_dir());
-        assert!(!store.dir(&b.sha256_hex).exists());
+        assert_eq!(removed, 3, "b's archive, b's files, the merged dir");
+        assert!(store.cache.join(&a.sha256_hex).is_dir());
+        assert!(!store.cache.join(&b.sha256_hex).exists());
         assert!(!merged.exists());
+        assert!(store.read_zip(&b.sha256_hex).is_err());
+        assert_eq!(store.stats().unwrap().artifacts, 1);
+
+        // Merging rebuilds the layers' trees the cache lost.
+        remove_tree(&store.cache.join(&a.sha256_hex)).unwrap();
+        let merged = store
+            .merged_layers(std::slice::from_ref(&a.sha256_hex))
+            .unwrap()
+            .unwrap();
+        assert_eq!(fs::read(merged.join("shared.txt")).unwrap(), b"from a");
+    }
+
+    #[test]
+    fn trees_are_a_cache_of_the_sealed_archives() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_in(dir.path(), ArchiveLimits::default());
+        let zip = zip_of(&[("function.wasm", 0o644, b"wasm bytes")]);
+        let a = store.put(&zip).unwrap();
+        let tree = store.ensure_dir(&a.sha256_hex).unwrap();
+        assert_eq!(tree, dir.path().join("cache/code").join(&a.sha256_hex));
+        // No plaintext archive or tree beside the sealed one.
+        let code: Vec<_> = fs::read_dir(dir.path().join("code"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(code.len(), 2, "{code:?}");
+        assert!(code.contains(&"blobs".to_owned()) && code.contains(&"chunks".to_owned()));
+
+        // The cache goes with the server; the tree comes back on demand.
+        drop(store);
+        let store = open_in(dir.path(), ArchiveLimits::default());
+        assert!(!tree.exists(), "the cache is emptied at open");
+        assert_eq!(
+            store.read_file(&a.sha256_hex, "function.wasm").unwrap(),
+            b"wasm bytes"
+        );
+        assert!(tree.join("function.wasm").is_file());
+        assert_eq!(store.put(&zip).unwrap(), a);
+        assert!(matches!(
+            store.ensure_dir("../../etc"),
+            Err(ArtifactError::Sealed(SealError::Identity(_)))
+        ));
+    }
+
+    #[test]
+    fn a_tampered_archive_is_not_unpacked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_in(dir.path(), ArchiveLimits::default());
+        let a = store
+            .put(&zip_of(&[("bootstrap", 0o755, b"#!/bin/sh")]))
+            .unwrap();
+        let blob = dir
+            .path()
+            .join("code/blobs/code")
+            .join(format!("{}.blob", a.sha256_hex));
+        let mut bytes = fs::read(&blob).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&blob, &bytes).unwrap();
+        remove_tree(&store.cache.join(&a.sha256_hex)).unwrap();
+        for result in [
+            store.ensure_dir(&a.sha256_hex).map(|_| ()),
+            store.read_zip(&a.sha256_hex).map(|_| ()),
+        ] {
+            match result {
+                Err(e @ ArtifactError::Sealed(SealError::Tampered { .. })) => {
+                    assert!(e.to_string().contains(&a.sha256_hex), "{e}");
+                    assert!(!e.is_client_error());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(!store.cache.join(&a.sha256_hex).exists());
+    }
+
+    #[test]
+    fn rotation_keeps_archives_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_in(dir.path(), ArchiveLimits::default());
+        let zip = zip_of(&[("index.js", 0o644, b"exports.handler = 1")]);
+        let a = store.put(&zip).unwrap();
+        let old = store.sealed().master_key_id();
+        let report = store.rotate_master().unwrap();
+        assert_eq!(report.blobs_rewrapped, 1);
+        assert_eq!(report.old_key_id, old);
+        assert_ne!(store.sealed().master_key_id(), old);
+        drop(store);
+        let store = open_in(dir.path(), ArchiveLimits::default());
+        assert_eq!(store.read_zip(&a.sha256_hex).unwrap(), zip);
+    }
+
+    #[test]
+    fn plaintext_archives_of_an_older_layout_are_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let code = dir.path().join("code");
+        fs::create_dir_all(code.join("opt-x")).unwrap();
+        let zip = zip_of(&[("a.txt", 0o644, b"a")]);
+        let sha = hex(digest::digest(&digest::SHA256, &zip).as_ref());
+        fs::write(code.join(format!("{sha}.zip")), &zip).unwrap();
+        fs::create_dir(code.join(&sha)).unwrap();
+        fs::write(code.join(&sha).join("a.txt"), b"a").unwrap();
+        let store = open_in(dir.path(), ArchiveLimits::default());
+        assert!(!code.join(format!("{sha}.zip")).exists());
+        assert!(!code.join(&sha).exists());
+        assert!(!code.join("opt-x").exists());
+        assert_eq!(store.read_zip(&sha).unwrap(), zip);
+        assert_eq!(store.read_file(&sha, "a.txt").unwrap(), b"a");
+    }
+
+    /// Twenty functions bundling the same 30 MB dependency (incompressible)
+    /// beside a small file of their own: the dependency is stored once.
+    #[test]
+    fn a_shared_dependency_is_stored_once() {
+        const DEP: usize = 30_000_000;
+        const FUNCTIONS: usize = 20;
+        let (_d, store) = store(ArchiveLimits::default());
+        let mut dependency = vec![0u8; DEP];
+        fastrand::Rng::with_seed(0x6b696c6e).fill(&mut dependency);
+        let mut logical = 0;
+        for i in 0..FUNCTIONS {
+            let handler = format!("exports.handler = async () => {i};\n");
+            let zip = stored_zip_of(&[
+                ("node_modules/dep/index.bin", &dependency),
+                ("index.js", handler.as_bytes()),
+            ]);
+            logical += zip.len() as u64;
+            store.put(&zip).unwrap();
+        }
+        let stats = store.stats().unwrap();
+        let ratio = stats.dedup_ratio();
+        println!(
+            "dedup: {} archives, logical {} bytes, stored {} bytes in {} chunks, ratio {ratio:.1}x",
+            stats.artifacts, stats.logical_bytes, stats.stored_bytes, stats.chunks
+        );
+        assert_eq!(stats.artifacts, FUNCTIONS as u64);
+        assert_eq!(stats.logical_bytes, logical);
+        assert!(ratio > 15.0, "{stats:?}");
     }
 
     #[test]
