@@ -317,6 +317,7 @@ fn main() -> Result<()> {
             Ok(mut s) => scenarios.append(&mut s),
             Err(why) => eprintln!("skipping the KVM scenarios: {why:#}"),
         }
+        scenarios.append(&mut security_scenarios(args.quick)?);
         scenarios.push(Scenario {
             name: "create-function",
             description: "CreateFunction of an already-compiled component (zip upload, validation, store commit)",
@@ -367,6 +368,95 @@ async fn deploy_as(
         );
     }
     Ok(())
+}
+
+/// The costs security adds, measured in-process on their own: verifying
+/// one SigV4-signed invoke request (canonical request, key derivation,
+/// HMAC, constant-time compare), and opening a sealed 50 MB archive
+/// (unwrap, AES-256-GCM over every content-defined chunk, SHA-256 of the
+/// whole).
+fn security_scenarios(quick: bool) -> Result<Vec<Scenario>> {
+    use kiln::auth::sigv4::{self, Incoming, PresignKey, PresignTarget, VerifyConfig};
+    let cfg = VerifyConfig::lambda("us-east-1");
+    let body = vec![b'x'; 1024];
+    let path = "/2015-03-31/functions/hello/invocations";
+    let key = PresignKey {
+        access_key_id: load::BENCH_KEY.0,
+        secret: load::BENCH_KEY.1,
+        session_token: None,
+    };
+    let target = PresignTarget {
+        method: "POST",
+        host: "127.0.0.1:9000",
+        path,
+        query: &[],
+        body: &body,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let query = sigv4::presign(target, key, &cfg, now, 600)
+        .map_err(|e| anyhow::anyhow!("presigning: {e}"))?;
+    let headers: [(&str, &[u8]); 2] = [
+        ("host", b"127.0.0.1:9000"),
+        ("content-type", b"application/json"),
+    ];
+    let req = Incoming {
+        method: "POST",
+        path,
+        query: Some(&query),
+        headers: &headers,
+        body: &body,
+    };
+    let n = if quick { 200 } else { 20_000 };
+    let mut verify = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let claim = sigv4::claim(&req, &cfg, now).map_err(|e| anyhow::anyhow!("{e}"))?;
+        sigv4::verify(&req, &claim, load::BENCH_KEY.1, &cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+        verify.push(t.elapsed());
+    }
+
+    let dir = tempfile::tempdir()?;
+    let master = kiln::store::sealed::MasterKey::generate()?;
+    let store = kiln::store::sealed::SealedStore::open(
+        dir.path().join("code"),
+        dir.path().join("keys"),
+        Some(master),
+    )?;
+    let size = if quick { 5 << 20 } else { 50 << 20 };
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut content = vec![0u8; size];
+    rng.fill(&mut content);
+    store.put("code/bench", &content)?;
+    let rounds = if quick { 2 } else { 10 };
+    let mut open = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = std::time::Instant::now();
+        let plain = store.get("code/bench")?;
+        open.push(t.elapsed());
+        anyhow::ensure!(plain.len() == size, "the sealed archive came back short");
+    }
+    Ok(vec![
+        Scenario {
+            name: "sigv4-verify",
+            description: "Verify one SigV4-signed invoke request (1 KiB body), in-process",
+            workload: "POST /2015-03-31/functions/hello/invocations",
+            payload_bytes: body.len(),
+            concurrency: 1,
+            samples: verify.len(),
+            latency_us: Summary::of(&verify),
+            throughput_rps: None,
+        },
+        Scenario {
+            name: "open-sealed-archive",
+            description: "Read and decrypt a sealed archive (chunked AES-256-GCM, SHA-256 checked) from the page cache",
+            workload: "incompressible content",
+            payload_bytes: size,
+            concurrency: 1,
+            samples: open.len(),
+            latency_us: Summary::of(&open),
+            throughput_rps: None,
+        },
+    ])
 }
 
 /// VM creation, boot to a ready virtio console, and a channel round trip,

@@ -259,7 +259,7 @@ impl Server {
         let root = RootKey::load(&keys_dir, config.root_credentials.clone())
             .map_err(|e| StartError::Config(e.to_string()))?;
         tracing::info!(access_key_id = %root.access_key_id, "root credentials loaded");
-        let credentials_key = credentials_key(&keys_dir)?;
+        let credentials_key = credentials_key(control.artifacts().sealed())?;
         let credentials = Arc::new(Credentials::new(
             &config.account_id,
             root,
@@ -466,25 +466,19 @@ fn lock_data_dir(dir: &Path) -> Result<fs::File, StartError> {
     Ok(file)
 }
 
-/// The key that protects stored access-key secrets and session tokens:
-/// 32 random bytes made at first start.
-fn credentials_key(keys_dir: &Path) -> Result<[u8; 32], StartError> {
-    let path = keys_dir.join("credentials.key");
-    let err = |source| StartError::DataDir {
-        path: path.clone(),
-        source,
-    };
-    match fs::read(&path) {
-        Ok(bytes) => bytes
-            .try_into()
-            .map_err(|_| StartError::Config(format!("{} is not a 32-byte key", path.display()))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let mut key = [0u8; 32];
-            aws_lc_rs::rand::fill(&mut key)
-                .map_err(|_| StartError::Config("the system RNG failed".to_owned()))?;
-            crate::auth::keys::write_private(&path, &key).map_err(err)?;
-            Ok(key)
-        }
-        Err(e) => Err(err(e)),
+/// The key that protects stored access-key secrets and session tokens: 32
+/// random bytes made at first start, kept sealed under the master key (so a
+/// master-key rotation re-wraps it with the code archives).
+fn credentials_key(sealed: &crate::store::sealed::SealedStore) -> Result<[u8; 32], StartError> {
+    const IDENTITY: &str = crate::store::artifacts::CREDENTIALS_KEY_IDENTITY;
+    if sealed.contains(IDENTITY) {
+        return sealed.get(IDENTITY)?.try_into().map_err(|_| {
+            StartError::Config("the sealed credentials key is not 32 bytes".to_owned())
+        });
     }
+    let mut key = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut key)
+        .map_err(|_| StartError::Config("the system RNG failed".to_owned()))?;
+    sealed.put(IDENTITY, &key)?;
+    Ok(key)
 }

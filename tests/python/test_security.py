@@ -178,3 +178,44 @@ def test_a_new_data_dir_generates_root_credentials_once(tmp_path):
         assert "generated root credentials" not in "".join(again.stdout_lines)
     finally:
         again.stop()
+
+
+def test_code_is_sealed_at_rest_and_fails_closed(tmp_path, artifacts):
+    data = tmp_path / "data"
+    srv = KilnServer(data).start()
+    try:
+        lam = srv.client()
+        create(lam, "sealed-a", artifacts["hello"])
+        create(lam, "sealed-b", artifacts["counter"])
+        out = subprocess.run([kiln_bin(), "keys", "rotate-master", "--endpoint", srv.endpoint, "--output", "json"],
+                             capture_output=True, text=True, timeout=60, env=dict(os.environ, **ROOT_ENV))
+        assert out.returncode == 0, out.stderr
+        rotated = json.loads(out.stdout)
+        assert rotated["BlobsRewrapped"] >= 2 and rotated["OldKeyId"] != rotated["NewKeyId"]
+        assert lam.invoke(FunctionName="sealed-a")["StatusCode"] == 200
+        sha_a = lam.get_function(FunctionName="sealed-a")["Configuration"]["CodeSha256"]
+    finally:
+        srv.stop()
+
+    # Nothing under code/ holds the archives' plaintext.
+    needle = artifacts["hello"][30:94]
+    blobs = [p for p in (data / "code").rglob("*") if p.is_file()]
+    assert blobs and not any(needle in p.read_bytes() for p in blobs)
+
+    # Alter sealed-a's archive: it fails closed, naming it; sealed-b still runs.
+    import base64
+    hex_a = base64.b64decode(sha_a).hex()
+    blob = next(p for p in blobs if hex_a in p.name)
+    raw = bytearray(blob.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    blob.write_bytes(bytes(raw))
+    srv = KilnServer(data).start()
+    try:
+        lam = srv.client()
+        assert lam.invoke(FunctionName="sealed-b")["StatusCode"] == 200
+        with pytest.raises(ClientError):
+            lam.invoke(FunctionName="sealed-a")
+        log = "".join(srv.stderr_lines)
+        assert "sealed-a" in log and hex_a in log and "does not authenticate" in log, log[-3000:]
+    finally:
+        srv.stop()

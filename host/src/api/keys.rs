@@ -149,3 +149,27 @@ pub(super) async fn revoke_sessions(
     blocking(move || creds.revoke_sessions(&name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// `kiln keys rotate-master`: a new master key re-wraps every data key.
+pub(super) async fn rotate_master(
+    State(s): State<AppState>,
+) -> Result<impl IntoResponse, ApiError> {
+    let control = s.control.clone();
+    let report = tokio::task::spawn_blocking(move || control.artifacts().rotate_master())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| match e {
+            crate::store::artifacts::ArtifactError::Sealed(
+                crate::store::sealed::SealError::MasterKey(m),
+            ) => ApiError::new(StatusCode::CONFLICT, "ResourceConflictException", m),
+            other => {
+                tracing::error!(error = %other, "master key rotation");
+                ApiError::internal(format!("Rotating the master key failed: {other}"))
+            }
+        })?;
+    Ok(Json(json!({
+        "BlobsRewrapped": report.blobs_rewrapped,
+        "OldKeyId": report.old_key_id,
+        "NewKeyId": report.new_key_id,
+    })))
+}

@@ -169,6 +169,7 @@ pub fn router(state: AppState) -> Router {
             "/kiln/roles/{role}/revoke-sessions",
             post(keys::revoke_sessions),
         )
+        .route("/kiln/master-key/rotate", post(keys::rotate_master))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard::guard))
         // Unauthenticated: health checks and Prometheus scrapes.
         .route("/health", get(|| async { "ok" }))

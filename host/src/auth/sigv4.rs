@@ -820,7 +820,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -1061,7 +1061,7 @@ mod tests {
         m.method = if m.method == "GET" { "POST" } else { "GET" }.to_owned();
         out.push(("method".to_owned(), m));
         let mut m = clone(req);
-        m.path.push_str("x");
+        m.path.push('x');
         out.push(("path".to_owned(), m));
         let mut m = clone(req);
         m.body.push(b'!');

@@ -116,6 +116,13 @@ pub enum KeysCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Replace the master key: every stored data key is re-wrapped under a
+    /// new one (code and chunks are not re-encrypted).
+    #[command(after_help = "Example:\n  kiln keys rotate-master")]
+    RotateMaster {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Delete an access key; requests signed with it are refused at once.
     #[command(after_help = "Example:\n  kiln keys delete AKIA...")]
     Delete {
@@ -412,6 +419,23 @@ async fn keys(command: KeysCommand) -> Result<i32> {
                 }
                 lines
             })
+            .await
+        }
+        KeysCommand::RotateMaster { endpoint } => {
+            admin(
+                &endpoint,
+                Method::POST,
+                "/kiln/master-key/rotate",
+                None,
+                |v| {
+                    vec![format!(
+                        "master key {} replaced by {}: {} data keys re-wrapped",
+                        v["OldKeyId"].as_str().unwrap_or(""),
+                        v["NewKeyId"].as_str().unwrap_or(""),
+                        v["BlobsRewrapped"]
+                    )]
+                },
+            )
             .await
         }
         KeysCommand::Delete {

@@ -176,6 +176,11 @@ impl ControlPlane {
         }
     }
 
+    /// The code archives (and the sealed keys beside them).
+    pub fn artifacts(&self) -> &ArtifactStore {
+        &self.artifacts
+    }
+
     /// The region and account of ARNs.
     pub fn arn(&self) -> &ArnContext {
         &self.arn
@@ -213,7 +218,18 @@ impl ControlPlane {
             .await?;
         let n = functions.len();
         for (_, _, record) in functions.into_iter().chain(versions) {
-            self.install(record).await?;
+            // One archive that fails to authenticate (altered on disk)
+            // takes that function out, not the server.
+            let (name, version) = (record.name.clone(), record.version.clone());
+            if let Err(e) = self.install(record).await {
+                tracing::error!(
+                    function = %name,
+                    version = %version,
+                    error = %e,
+                    "the function's code could not be loaded; it cannot be invoked until its \
+                     code is updated"
+                );
+            }
         }
         for (function, _, alias) in aliases {
             self.data

@@ -281,7 +281,14 @@ impl ArtifactStore {
         keep_archives: &HashSet<String>,
         keep_merged: &[Vec<String>],
     ) -> Result<usize, ArtifactError> {
-        let keep: HashSet<String> = keep_archives.iter().map(|sha| identity(sha)).collect();
+        let mut keep: HashSet<String> = keep_archives.iter().map(|sha| identity(sha)).collect();
+        // Keys kept sealed beside the archives are not archives.
+        keep.extend(
+            self.sealed
+                .identities()?
+                .into_iter()
+                .filter(|i| i.starts_with("keys/")),
+        );
         let mut removed = self.sealed.sweep(&keep)?.blobs;
         let merged: HashSet<String> = keep_merged
             .iter()
@@ -382,6 +389,10 @@ fn seal_plaintext_archives(sealed: &SealedStore) -> Result<(), ArtifactError> {
     }
     Ok(())
 }
+
+/// The sealed identity of the credentials key (see `server`); sweeps keep
+/// every `keys/` identity.
+pub const CREDENTIALS_KEY_IDENTITY: &str = "keys/credentials";
 
 const MERGED_PREFIX: &str = "opt-";
 
