@@ -2,6 +2,8 @@
 //!
 //! Module map (see DESIGN.md):
 //! - [`api`]: the HTTP API (Lambda's REST API, health);
+//! - [`audit`]: the signed audit trail of control-plane calls, and its
+//!   verifier;
 //! - [`control`]: functions and their configuration;
 //! - [`invoke`]: the data plane (environments, invocations);
 //! - [`sandbox`]: the trait every kind of isolation implements, and its
@@ -12,6 +14,7 @@
 //! - [`doctor`]: which sandboxes this machine can run.
 
 pub mod api;
+pub mod audit;
 pub mod control;
 pub mod doctor;
 pub mod invoke;
