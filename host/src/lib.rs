@@ -3,6 +3,8 @@
 //! Module map (see DESIGN.md):
 //! - [`api`]: the HTTP API (Lambda's REST API, health);
 //! - [`auth`]: SigV4 authentication, credentials, IAM-style authorization;
+//! - [`audit`]: the signed audit trail of control-plane calls, and its
+//!   verifier;
 //! - [`control`]: functions and their configuration;
 //! - [`invoke`]: the data plane (environments, invocations);
 //! - [`sandbox`]: the trait every kind of isolation implements, and its
@@ -13,6 +15,7 @@
 //! - [`doctor`]: which sandboxes this machine can run.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod control;
 pub mod doctor;
