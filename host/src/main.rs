@@ -98,6 +98,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         idle_timeout: cli::idle_timeout(&args),
         root_credentials,
         max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew),
+        audit_digest_interval: std::time::Duration::from_secs(args.audit_digest_interval.max(1)),
         ..ServerConfig::new()
     };
     let server = Server::start(config)

@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub root_credentials: Option<(String, String)>,
     /// How far a request's signing time may be from the server's clock.
     pub max_clock_skew: Duration,
+    /// How often the audit trail's new records get a signed digest.
+    pub audit_digest_interval: Duration,
     /// The microVM guest kernel (`vmlinux`); without one, no microVMs.
     pub guest_kernel: Option<PathBuf>,
 }
@@ -91,6 +93,7 @@ impl ServerConfig {
             log_capacity: 1 << 20,
             root_credentials: None,
             max_clock_skew: Duration::from_secs(300),
+            audit_digest_interval: Duration::from_secs(300),
             guest_kernel: None,
         }
     }
@@ -284,10 +287,20 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        let audit =
+            crate::audit::AuditLog::open(&dir.join("audit"), &keys_dir.join("audit-signing.pk8"))
+                .map_err(|e| StartError::Config(format!("the audit trail: {e}")))?;
+        tracing::info!(
+            key = %audit.key_fingerprint(),
+            "audit trail open; digests are signed with this key (check with `kiln audit verify`)"
+        );
+        let audit = Arc::new(audit);
+        start_digests(audit.clone(), config.audit_digest_interval);
         let state = AppState {
             control,
             data,
             auth,
+            audit,
         };
         let router = api::router(state.clone());
         Ok(Self {
@@ -329,13 +342,22 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> io::Result<()> {
-        axum::serve(
+        let served = axum::serve(
             self.listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+        // The trail's last records get their signed digest at shutdown.
+        let audit = self.state.audit.clone();
+        match tokio::task::spawn_blocking(move || audit.write_digest()).await {
+            Ok(Ok(Some(seq))) => tracing::info!(digest = seq, "audit digest written at shutdown"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "writing the audit digest at shutdown"),
+            Err(e) => tracing::error!(error = %e, "writing the audit digest at shutdown"),
+        }
+        served
     }
 }
 
@@ -481,4 +503,21 @@ fn credentials_key(sealed: &crate::store::sealed::SealedStore) -> Result<[u8; 32
         .map_err(|_| StartError::Config("the system RNG failed".to_owned()))?;
     sealed.put(IDENTITY, &key)?;
     Ok(key)
+}
+
+/// Signs a digest of the trail's new records every `interval`.
+fn start_digests(audit: Arc<crate::audit::AuditLog>, interval: Duration) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let audit = audit.clone();
+            match tokio::task::spawn_blocking(move || audit.write_digest()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "writing an audit digest"),
+                Err(e) => tracing::error!(error = %e, "writing an audit digest"),
+            }
+        }
+    });
 }

@@ -219,3 +219,78 @@ def test_code_is_sealed_at_rest_and_fails_closed(tmp_path, artifacts):
         assert "sealed-a" in log and hex_a in log and "does not authenticate" in log, log[-3000:]
     finally:
         srv.stop()
+
+
+def audit_cli(data, *args):
+    out = subprocess.run([kiln_bin(), "audit", *args, "--data-dir", str(data), "--output", "json"],
+                         capture_output=True, text=True, timeout=60)
+    return out.returncode, json.loads(out.stdout) if out.stdout.strip() else None, out.stderr
+
+
+def test_the_audit_trail_records_and_proves_control_plane_calls(tmp_path, artifacts):
+    data = tmp_path / "data"
+    srv = KilnServer(data).start()
+    try:
+        lam = srv.client()
+        create(lam, "audited", artifacts["hello"], Environment={"Variables": {"TOKEN": "s3cr3t-value"}})
+        lam.update_function_configuration(FunctionName="audited", MemorySize=256)
+        create(lam, "other", artifacts["hello"])
+        lam.invoke(FunctionName="audited")  # data plane: not audited
+        lam.delete_function(FunctionName="other")
+        error_of(lambda: lam.get_function(FunctionName="missing"))
+    finally:
+        srv.stop()  # writes the shutdown digest
+
+    code, report, err = audit_cli(data, "verify")
+    assert code == 0, (report, err)
+    assert report["problems"] == [] and report["digests"] >= 1 and report["uncovered"] is None
+    code, records, _ = audit_cli(data, "list", "--function", "audited")
+    assert [r["action"] for r in records] == ["CreateFunction", "UpdateFunctionConfiguration"]
+    assert all(r["principal"] == "arn:aws:iam::000000000000:root" for r in records)
+    assert records[0]["source"].startswith("127.0.0.1:")
+    assert records[0]["params"]["body"]["Code"]["ZipFile"].endswith("base64 characters>")
+    code, failed, _ = audit_cli(data, "list", "--action", "GetFunction")
+    assert [(r["status"], r["error"]) for r in failed] == [(404, "ResourceNotFoundException")]
+    trail = (data / "audit" / "records.jsonl").read_bytes()
+    assert b"s3cr3t-value" not in trail and b"InvokeFunction" not in trail
+
+    # Tampering is reported exactly, and nothing else.
+    lines = trail.splitlines(keepends=True)
+    modified = lines.copy()
+    modified[1] = modified[1].replace(b"UpdateFunctionConfiguration", b"UpdateFunctionConfiguratioN")
+    (data / "audit" / "records.jsonl").write_bytes(b"".join(modified))
+    code, report, _ = audit_cli(data, "verify")
+    assert code == 1 and [p["problem"] for p in report["problems"]] == ["record_modified"], report
+    text = subprocess.run([kiln_bin(), "audit", "verify", "--data-dir", str(data)], capture_output=True, text=True)
+    assert text.stdout.splitlines()[0] == "record 2 was modified", text.stdout
+
+    removed = lines[:2] + lines[3:]
+    (data / "audit" / "records.jsonl").write_bytes(b"".join(removed))
+    code, report, _ = audit_cli(data, "verify")
+    assert code == 1 and [p["problem"] for p in report["problems"]] == ["records_removed"], report
+
+    (data / "audit" / "records.jsonl").write_bytes(trail)
+    assert audit_cli(data, "verify")[0] == 0
+
+
+def test_configuration_history_names_every_state_and_who_made_it(server, lam, artifacts, tmp_path):
+    create(lam, "hist", artifacts["hello"])
+    lam.update_function_configuration(FunctionName="hist", MemorySize=256)
+    lam.publish_version(FunctionName="hist")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"Statement": [{"Effect": "Allow", "Action": "lambda:UpdateFunctionConfiguration",
+                                               "Resource": f"{ARN}:function:hist"}]}))
+    key = kiln(server, "keys", "create", "carol", "--policy", str(path))["AccessKey"]
+    carol = server.client(aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+    carol.update_function_configuration(FunctionName="hist", Timeout=9)
+    lam.delete_function(FunctionName="hist")
+
+    changes = kiln(server, "config-history", "hist")["Changes"]
+    assert [c["Action"] for c in changes] == ["CreateFunction", "UpdateFunctionConfiguration", "PublishVersion",
+                                              "UpdateFunctionConfiguration", "DeleteFunction"]
+    assert [c["Configuration"] and c["Configuration"]["MemorySize"] for c in changes[:4]] == [128, 256, 256, 256]
+    assert changes[2]["Configuration"]["Version"] == "1"
+    assert changes[3]["Configuration"]["Timeout"] == 9
+    assert changes[3]["Principal"] == "arn:aws:iam::000000000000:user/carol"
+    assert changes[4]["Configuration"] is None
+    assert all(c["Time"].endswith("Z") for c in changes)

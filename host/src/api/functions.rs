@@ -236,3 +236,21 @@ pub(super) async fn delete_alias(
     s.control.delete_alias(&r, &alias).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// `GET /kiln/functions/{name}/config-history`: every configuration state
+/// of the function and its versions, oldest first.
+pub(super) async fn config_history(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    let changes = s.control.history(&r.name).await?;
+    if changes.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            format!("No configuration history for function {}", r.name),
+        ));
+    }
+    Ok(Json(json!({ "FunctionName": r.name, "Changes": changes })))
+}

@@ -14,6 +14,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState, MAX_CONTROL_BODY, read_body};
+use crate::audit::AuditEntry;
 use crate::auth::AuthError;
 use crate::auth::keys::Identity;
 use crate::auth::operations::{self, Operation};
@@ -73,7 +74,7 @@ pub(crate) async fn guard(
         .as_ref()
         .map(|p| p.iter().collect())
         .unwrap_or_default();
-    let _ = &source;
+
     let qualifier = parts.uri.query().and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "Qualifier")
@@ -99,12 +100,179 @@ pub(crate) async fn guard(
         )
         .into_response();
     };
+    // Invocations are the data plane; everything else is recorded.
+    let audited = op.name != "InvokeFunction";
+    let params = if audited {
+        audit_params(parts.uri.query(), &bytes)
+    } else {
+        serde_json::Value::Null
+    };
+    let principal = identity.arn.clone();
     if let Err(e) = authorize(&state, identity, &op).await {
-        return refusal(e).into_response();
+        let refused = refusal(e);
+        if audited {
+            let entry = entry(
+                &principal,
+                &source,
+                &op,
+                params,
+                &refused.clone().into_response(),
+            );
+            if let Err(failed) = record(&state, entry).await {
+                return failed;
+            }
+        }
+        return refused.into_response();
     }
     parts.extensions.insert(caller);
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+    let mut response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    if response.status().is_success() && CONFIGURATION_CHANGES.contains(&op.name) {
+        response = history(&state, &principal, &op, response).await;
+    }
+    if audited {
+        let entry = entry(&principal, &source, &op, params, &response);
+        if let Err(failed) = record(&state, entry).await {
+            return failed;
+        }
+    }
+    response
+}
+
+/// Operations whose success leaves a new configuration state, which their
+/// response carries (a `FunctionConfiguration`), or removes the function.
+const CONFIGURATION_CHANGES: &[&str] = &[
+    "CreateFunction",
+    "UpdateFunctionConfiguration",
+    "UpdateFunctionCode",
+    "PublishVersion",
+    "DeleteFunction",
+];
+
+/// Records the configuration state a change left in the function's
+/// history (`kiln config-history`), and gives the response back.
+async fn history(
+    state: &AppState,
+    principal: &str,
+    op: &Operation,
+    response: Response,
+) -> Response {
+    let (parts, body) = response.into_parts();
+    // Configurations are a few KiB; anything larger is not one.
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return ApiError::internal("reading the response failed").into_response();
+    };
+    let configuration = if op.name == "DeleteFunction" {
+        None
+    } else {
+        serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+    };
+    let function = configuration
+        .as_ref()
+        .and_then(|c| c.get("FunctionName")?.as_str().map(str::to_owned))
+        .or_else(|| op.function.clone());
+    if let Some(function) = function {
+        let change = crate::control::history::Change {
+            time: crate::auth::keys::now_rfc3339(),
+            principal: principal.to_owned(),
+            action: op.name.to_owned(),
+            qualifier: op.qualifier.clone(),
+            configuration,
+        };
+        if let Err(e) = state.control.record_change(&function, change).await {
+            tracing::error!(function = %function, error = %e, "recording configuration history");
+        }
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+fn entry(
+    principal: &str,
+    source: &str,
+    op: &Operation,
+    params: serde_json::Value,
+    response: &Response,
+) -> AuditEntry {
+    AuditEntry {
+        principal: principal.to_owned(),
+        source: source.to_owned(),
+        action: op.name.to_owned(),
+        resource: op.resource.clone(),
+        function: op.function.clone(),
+        params,
+        status: response.status().as_u16(),
+        error: response
+            .headers()
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    }
+}
+
+/// Appends durably before the caller hears back: a change the caller saw
+/// succeed is in the trail. If the trail cannot be written, the caller
+/// gets an error instead (the change itself has been made).
+async fn record(state: &AppState, entry: AuditEntry) -> Result<(), Response> {
+    let audit = state.audit.clone();
+    let written = tokio::task::spawn_blocking(move || audit.append(entry)).await;
+    match written {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the audit trail could not be written");
+            Err(
+                ApiError::internal("The audit trail could not be written; see the server log")
+                    .into_response(),
+            )
+        }
+        Err(e) => Err(ApiError::internal(e.to_string()).into_response()),
+    }
+}
+
+/// Request parameters for the audit trail: the query and the JSON body,
+/// without code (`ZipFile`: large, and kept sealed elsewhere) and without
+/// secrets (environment variable values).
+fn audit_params(query: Option<&str>, body: &[u8]) -> serde_json::Value {
+    use serde_json::{Map, Value};
+    let mut out = Map::new();
+    if let Some(q) = query {
+        let pairs: Map<String, Value> = form_urlencoded::parse(q.as_bytes())
+            .filter(|(k, _)| !k.starts_with("X-Amz-"))
+            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+            .collect();
+        if !pairs.is_empty() {
+            out.insert("query".to_owned(), Value::Object(pairs));
+        }
+    }
+    if let Ok(mut body) = serde_json::from_slice::<Value>(body) {
+        redact(&mut body);
+        out.insert("body".to_owned(), body);
+    } else if !body.is_empty() {
+        out.insert("bodyBytes".to_owned(), Value::from(body.len()));
+    }
+    Value::Object(out)
+}
+
+fn redact(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    if let Value::Object(map) = v {
+        for (k, child) in map.iter_mut() {
+            match k.as_str() {
+                "ZipFile" => {
+                    let len = child.as_str().map_or(0, str::len);
+                    *child = Value::String(format!("<{len} base64 characters>"));
+                }
+                "Variables" => {
+                    if let Value::Object(vars) = child {
+                        for value in vars.values_mut() {
+                            *value = Value::String("<redacted>".to_owned());
+                        }
+                    }
+                }
+                _ => redact(child),
+            }
+        }
+    }
 }
 
 async fn authorize(state: &AppState, identity: &Identity, op: &Operation) -> Result<(), AuthError> {

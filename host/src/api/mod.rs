@@ -40,6 +40,8 @@ pub struct AppState {
     pub data: Arc<DataPlane>,
     /// Signatures and policies.
     pub auth: Arc<crate::auth::Authenticator>,
+    /// Where control-plane calls are recorded.
+    pub audit: Arc<crate::audit::AuditLog>,
 }
 
 /// Largest control-plane request body: Lambda's limit for a direct upload
@@ -153,6 +155,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/kiln/functions/{name}/code.zip",
             get(functions::download_code),
+        )
+        .route(
+            "/kiln/functions/{name}/config-history",
+            get(functions::config_history),
         )
         .route(
             "/kiln/layers/{layer}/{version}/content.zip",

@@ -92,6 +92,69 @@ pub enum Command {
     /// credentials that act under the role's policy.
     #[command(subcommand)]
     Roles(RolesCommand),
+    /// Every configuration state of a function and its versions: who
+    /// changed what, and when.
+    #[command(
+        after_help = "Examples:\n  kiln config-history hello\n  kiln config-history hello --output json"
+    )]
+    ConfigHistory {
+        /// The function.
+        function: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// The audit trail of control-plane calls (read from the data dir).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the trail against its signed digests: report exactly which
+    /// record or digest was modified, removed, reordered or forged. Exits 1
+    /// when anything was.
+    #[command(
+        after_help = "Examples:\n  kiln audit verify --data-dir .kiln\n  kiln audit verify --public-key trusted-audit-key.txt --output json"
+    )]
+    Verify {
+        /// The server's data dir.
+        #[arg(long, env = "KILN_DATA_DIR", default_value = ".kiln")]
+        data_dir: PathBuf,
+        /// The trail's public key as recorded elsewhere (hex or base64):
+        /// trust that rather than the data dir's copy.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// List records, filtered by function, principal, action and time.
+    #[command(
+        after_help = "Examples:\n  kiln audit list --function hello\n  kiln audit list --principal arn:aws:iam::000000000000:user/ci --since 2026-11-23T00:00:00Z"
+    )]
+    List {
+        /// The server's data dir.
+        #[arg(long, env = "KILN_DATA_DIR", default_value = ".kiln")]
+        data_dir: PathBuf,
+        /// Only calls on this function.
+        #[arg(long)]
+        function: Option<String>,
+        /// Only calls by this principal (ARN).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only this action (CreateFunction, ...).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only records at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -254,6 +317,10 @@ pub struct ServeArgs {
     /// clock (AWS's window: 300).
     #[arg(long, env = "KILN_MAX_CLOCK_SKEW", default_value_t = 300)]
     pub max_clock_skew: u64,
+    /// Seconds between signed digests of the audit trail (one is also
+    /// written at shutdown).
+    #[arg(long, default_value_t = 300)]
+    pub audit_digest_interval: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -338,6 +405,124 @@ pub async fn run_client(command: Command) -> Result<i32> {
         Command::Invoke(args) => invoke(args).await,
         Command::Keys(command) => keys(command).await,
         Command::Roles(command) => roles(command).await,
+        Command::Audit(command) => audit(command),
+        Command::ConfigHistory { function, endpoint } => {
+            let path = format!("/kiln/functions/{}/config-history", path_segment(&function));
+            admin(&endpoint, reqwest::Method::GET, &path, None, |v| {
+                v["Changes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| {
+                        let config = &c["Configuration"];
+                        let state = if config.is_null() {
+                            "deleted".to_owned()
+                        } else {
+                            format!(
+                                "version {} memory {} timeout {} code {}",
+                                config["Version"].as_str().unwrap_or("?"),
+                                config["MemorySize"],
+                                config["Timeout"],
+                                config["CodeSha256"].as_str().unwrap_or("?")
+                            )
+                        };
+                        format!(
+                            "{} {:<28} {:<45} {state}",
+                            c["Time"].as_str().unwrap_or(""),
+                            c["Action"].as_str().unwrap_or(""),
+                            c["Principal"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .await
+        }
+    }
+}
+
+fn audit(command: AuditCommand) -> Result<i32> {
+    use kiln::audit;
+    match command {
+        AuditCommand::Verify {
+            data_dir,
+            public_key,
+            output,
+        } => {
+            let key = public_key
+                .map(|p| -> Result<Vec<u8>> {
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    Ok(audit::parse_public_key(text.trim())?)
+                })
+                .transpose()?;
+            let report = audit::verify(&data_dir.join("audit"), key.as_deref())?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Text => {
+                    for p in &report.problems {
+                        println!("{p}");
+                    }
+                    println!(
+                        "{} records, {} digests, key {}: {}",
+                        report.records,
+                        report.digests,
+                        report.key,
+                        if report.problems.is_empty() {
+                            "intact".to_owned()
+                        } else {
+                            format!("{} problems", report.problems.len())
+                        }
+                    );
+                    if let Some((first, last)) = report.uncovered {
+                        println!("records {first}-{last} are not yet covered by a signed digest");
+                    }
+                }
+            }
+            Ok(i32::from(!report.problems.is_empty()))
+        }
+        AuditCommand::List {
+            data_dir,
+            function,
+            principal,
+            action,
+            since,
+            until,
+            output,
+        } => {
+            let time = |t: Option<String>| -> Result<Option<time::OffsetDateTime>> {
+                t.map(|t| {
+                    time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                        .with_context(|| format!("{t:?} is not an RFC 3339 time"))
+                })
+                .transpose()
+            };
+            let filter = audit::Filter {
+                function,
+                principal,
+                action,
+                since: time(since)?,
+                until: time(until)?,
+            };
+            let records = audit::list(&data_dir.join("audit"), &filter)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&records)?),
+                Output::Text => {
+                    for r in &records {
+                        println!(
+                            "{:>6} {} {:<28} {:<45} {} {} {}",
+                            r.seq,
+                            r.time,
+                            r.action,
+                            r.principal,
+                            r.status,
+                            r.resource,
+                            r.error.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+            }
+            Ok(0)
+        }
     }
 }
 

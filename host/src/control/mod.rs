@@ -11,6 +11,7 @@
 mod async_config;
 mod concurrency;
 mod functions;
+pub mod history;
 mod layers;
 pub mod model;
 pub mod names;

@@ -77,6 +77,9 @@ pub enum Kind {
     AccessKey,
     /// An execution role (scope `""`, key: role name).
     Role,
+    /// A function's configuration history (scope: function, key:
+    /// [`version_key`] of the change's number).
+    History,
 }
 
 impl Kind {
@@ -93,6 +96,7 @@ impl Kind {
             Kind::EventInvoke => "event-invoke",
             Kind::AccessKey => "access-key",
             Kind::Role => "role",
+            Kind::History => "history",
         }
     }
 }
