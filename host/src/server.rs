@@ -269,6 +269,9 @@ impl Server {
             control_meta,
             &credentials_key,
         ));
+        // Environments get their execution role's credentials from the
+        // store that verifies them.
+        data.set_credentials(credentials.clone());
         let auth = Arc::new(Authenticator::new(
             credentials,
             VerifyConfig {

@@ -294,3 +294,38 @@ def test_configuration_history_names_every_state_and_who_made_it(server, lam, ar
     assert changes[3]["Principal"] == "arn:aws:iam::000000000000:user/carol"
     assert changes[4]["Configuration"] is None
     assert all(c["Time"].endswith("Z") for c in changes)
+
+
+def test_environments_get_their_roles_credentials(server, lam, artifacts, tmp_path):
+    create(lam, "role-allowed", artifacts["hello"])
+    create(lam, "role-denied", artifacts["hello"])
+    path = tmp_path / "worker.json"
+    path.write_text(json.dumps({"Statement": [{"Effect": "Allow", "Action": "lambda:InvokeFunction",
+                                               "Resource": f"{ARN}:function:role-allowed"}]}))
+    role = kiln(server, "roles", "create", "worker", "--policy", str(path))["Role"]
+    assert role["Arn"] == "arn:aws:iam::000000000000:role/worker"
+    create(lam, "role-fn", artifacts["misbehave"], Role=role["Arn"])
+    create(lam, "no-role-fn", artifacts["misbehave"])
+
+    env = json.loads(lam.invoke(FunctionName="role-fn", Payload=b'{"action": "env"}')["Payload"].read())
+    assert env["AWS_ACCESS_KEY_ID"].startswith("ASIA") and env["AWS_SESSION_TOKEN"]
+    plain = json.loads(lam.invoke(FunctionName="no-role-fn", Payload=b'{"action": "env"}')["Payload"].read())
+    assert "AWS_SESSION_TOKEN" not in plain
+
+    # The credentials carry exactly the role's permissions...
+    as_role = server.client(aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                            aws_session_token=env["AWS_SESSION_TOKEN"])
+    assert as_role.invoke(FunctionName="role-allowed")["StatusCode"] == 200
+    code, _, message = error_of(lambda: as_role.invoke(FunctionName="role-denied"))
+    assert code == "AccessDeniedException"
+    assert message.startswith("User: arn:aws:sts::000000000000:assumed-role/worker/role-fn-")
+    # ...and a forged token or another key id is refused.
+    forged = server.client(aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                           aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                           aws_session_token=env["AWS_SESSION_TOKEN"][:-2] + "AA")
+    assert error_of(forged.list_functions)[0] in ("UnrecognizedClientException", "InvalidSignatureException")
+
+    # Revoked: refused from now on.
+    kiln(server, "roles", "revoke-sessions", "worker")
+    assert error_of(lambda: as_role.invoke(FunctionName="role-allowed"))[0] == "UnrecognizedClientException"

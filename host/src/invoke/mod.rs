@@ -146,6 +146,8 @@ pub struct DataPlane {
     governor: Arc<Governor>,
     queue: Arc<QueueStore>,
     event_configs: RwLock<HashMap<(String, String), EventInvokeRecord>>,
+    /// Issues each environment its execution role's credentials.
+    credentials: std::sync::OnceLock<Arc<crate::auth::keys::Credentials>>,
     me: Weak<DataPlane>,
 }
 
@@ -179,6 +181,7 @@ impl DataPlane {
             provisioned: Mutex::new(HashMap::new()),
             queue,
             event_configs: RwLock::new(HashMap::new()),
+            credentials: std::sync::OnceLock::new(),
             me: me.clone(),
         })
     }
@@ -565,9 +568,11 @@ impl DataPlane {
             InvokeError::Internal(format!("creating the environment's directory: {e}"))
         })?;
         let record = &slot.record;
+        let mut variables = lambda_environment(record, &self.arn, dir.id(), init_type);
+        variables.extend(self.role_credentials(record, dir.id()));
         let spec = EnvironmentSpec {
             memory_mb: record.memory_size,
-            env: lambda_environment(record, &self.arn, dir.id(), init_type),
+            env: variables,
             task_dir: slot.task_dir.clone(),
             opt_dir: slot.opt_dir.clone(),
             tmp_dir: dir.tmp(),
@@ -644,6 +649,43 @@ fn failure_output(
         function_error: Some("Unhandled"),
         payload,
         log_result: log.tail(),
+    }
+}
+
+impl DataPlane {
+    /// Lets environments receive their execution role's credentials.
+    pub fn set_credentials(&self, credentials: Arc<crate::auth::keys::Credentials>) {
+        let _ = self.credentials.set(credentials);
+    }
+
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`
+    /// of a new session of the function's role, when its Role names a kiln
+    /// role. They last the environment's lease and five minutes more: an
+    /// environment is replaced at its lease, and its successor gets new
+    /// ones, so no environment holds expired credentials.
+    fn role_credentials(&self, record: &FunctionRecord, env_id: &str) -> Vec<(String, String)> {
+        let Some(credentials) = self.credentials.get() else {
+            return Vec::new();
+        };
+        let role = match credentials.role(&record.role) {
+            Ok(Some(role)) => role,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                tracing::error!(function = %record.name, error = %e, "looking up the execution role");
+                return Vec::new();
+            }
+        };
+        let lifetime = self.config.env_lease + Duration::from_secs(300);
+        let session =
+            credentials.issue_session(&role, &format!("{}-{env_id}", record.name), lifetime);
+        vec![
+            ("AWS_ACCESS_KEY_ID".to_owned(), session.access_key_id),
+            (
+                "AWS_SECRET_ACCESS_KEY".to_owned(),
+                session.secret_access_key.expose().to_owned(),
+            ),
+            ("AWS_SESSION_TOKEN".to_owned(), session.session_token),
+        ]
     }
 }
 
