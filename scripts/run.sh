@@ -25,14 +25,25 @@ for example in hello counter; do
   "$kiln" build "examples/$example" --output "target/examples/$example.zip"
 done
 
-# The server prints "kiln listening on http://ADDR" once it accepts requests.
+# The server prints "kiln listening on http://ADDR" once it accepts requests
+# (after the root credentials it generated, at first start).
 coproc SERVER { exec "$kiln" serve --listen "$listen" --data-dir "$data_dir"; }
 server_pid=$SERVER_PID
 trap 'kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null' EXIT INT TERM
-if ! read -r -t 60 ready <&"${SERVER[0]}" || [[ "$ready" != "kiln listening on "* ]]; then
+started=""
+while read -r -t 60 line <&"${SERVER[0]}"; do
+  echo "$line"
+  if [[ "$line" == "kiln listening on "* ]]; then
+    started=1
+    break
+  fi
+done
+if [[ -z "$started" ]]; then
   echo "kiln did not start" >&2
   exit 1
 fi
+# The CLI signs with the root key the server keeps in its data dir.
+export KILN_DATA_DIR="$data_dir"
 endpoint="http://$listen"
 for example in hello counter; do
   "$kiln" deploy "$example" "target/examples/$example.zip" --endpoint "$endpoint"
@@ -41,14 +52,17 @@ done
 cat <<USAGE
 
 kiln is running at $endpoint (data in $data_dir) with hello and counter deployed.
+Requests are SigV4-signed with the root key in $data_dir/keys/root-credentials:
 
-  curl:      curl -s $endpoint/2015-03-31/functions/hello/invocations -d '{"name":"Ada"}'
-  kiln CLI:  $kiln invoke hello --payload '{"name":"Ada"}' --endpoint $endpoint
-             $kiln invoke counter --endpoint $endpoint
-  AWS CLI:   AWS_ACCESS_KEY_ID=kiln AWS_SECRET_ACCESS_KEY=kiln AWS_DEFAULT_REGION=us-east-1 \\
-               aws lambda invoke --endpoint-url $endpoint --function-name hello \\
+  export AWS_SHARED_CREDENTIALS_FILE=$data_dir/keys/root-credentials AWS_PROFILE=kiln AWS_DEFAULT_REGION=us-east-1
+  kiln CLI:  KILN_DATA_DIR=$data_dir $kiln invoke hello --payload '{"name":"Ada"}' --endpoint $endpoint
+             KILN_DATA_DIR=$data_dir $kiln invoke counter --endpoint $endpoint
+  AWS CLI:   aws lambda invoke --endpoint-url $endpoint --function-name hello \\
                --payload '{"name":"Ada"}' response.json && cat response.json
              (AWS CLI v2 also needs --cli-binary-format raw-in-base64-out)
+  curl:      curl -s --aws-sigv4 aws:amz:us-east-1:lambda --user "\$AWS_ACCESS_KEY_ID:\$AWS_SECRET_ACCESS_KEY" \\
+               $endpoint/2015-03-31/functions/hello/invocations -d '{"name":"Ada"}'
+             (with the two values from that file)
 
 Press Ctrl-C to stop.
 USAGE

@@ -34,6 +34,10 @@ struct Args {
     /// Where to write the report.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
+    /// Only the security costs (SigV4 verification, opening a sealed
+    /// archive), written as `security.{json,md}`.
+    #[arg(long)]
+    security_only: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +71,13 @@ struct Report {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.security_only {
+        let report = Report {
+            conditions: conditions(args.quick),
+            scenarios: security_scenarios(args.quick)?,
+        };
+        return write_report_as(&args.out, &report, "security");
+    }
     let hello = std::fs::read(kiln_test_support::wasm_function("hello"))
         .context("building examples/hello")?;
     let hello_zip = kiln::package::pack_component(&hello)?;
@@ -632,8 +643,11 @@ fn conditions(quick: bool) -> Conditions {
 }
 
 fn write_report(dir: &std::path::Path, report: &Report, quick: bool) -> Result<()> {
+    write_report_as(dir, report, if quick { "quick" } else { "latest" })
+}
+
+fn write_report_as(dir: &std::path::Path, report: &Report, stem: &str) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let stem = if quick { "quick" } else { "latest" };
     let json_path = dir.join(format!("{stem}.json"));
     std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
     let mut md = String::new();
