@@ -458,6 +458,14 @@ fn unpack(zip: &[u8], dest: &Path, limits: &ArchiveLimits) -> Result<u64, Artifa
             limit: limits.max_entries,
         });
     }
+    // The zip crate keeps one entry per name, so a repeated name would be
+    // silently shadowed: another unzipper could see the other file.
+    if let Some(name) = repeated_name(zip) {
+        return Err(ArtifactError::Entry {
+            name,
+            reason: "the name appears twice",
+        });
+    }
     fs::create_dir(dest)?;
     let mut seen = HashSet::new();
     let mut total: u64 = 0;
@@ -543,6 +551,48 @@ fn unpack(zip: &[u8], dest: &Path, limits: &ArchiveLimits) -> Result<u64, Artifa
         )?;
     }
     Ok(total)
+}
+
+/// The first name the central directory lists twice. Reads the end of
+/// central directory record and walks the file headers it points to;
+/// anything malformed is left to the zip parser, which has accepted it.
+fn repeated_name(zip: &[u8]) -> Option<String> {
+    const EOCD: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
+    const CDFH: [u8; 4] = [0x50, 0x4b, 0x01, 0x02];
+    let u16_at = |b: &[u8], at: usize| -> Option<usize> {
+        Some(usize::from(u16::from_le_bytes(
+            b.get(at..at + 2)?.try_into().ok()?,
+        )))
+    };
+    let u32_at = |b: &[u8], at: usize| -> Option<usize> {
+        usize::try_from(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?)).ok()
+    };
+    // The record is 22 bytes plus a comment of at most 65535.
+    let from = zip.len().saturating_sub(22 + 65_535);
+    let eocd = (from..zip.len().saturating_sub(21))
+        .rev()
+        .find(|&i| zip.get(i..i + 4) == Some(&EOCD[..]))?;
+    let entries = u16_at(zip, eocd + 10)?;
+    let mut at = u32_at(zip, eocd + 16)?;
+    if entries == 0xffff || at == 0xffff_ffff {
+        // Zip64: the crate's own count is all there is to go on.
+        return None;
+    }
+    let mut seen = HashSet::new();
+    for _ in 0..entries {
+        if zip.get(at..at + 4)? != CDFH {
+            return None;
+        }
+        let name_len = u16_at(zip, at + 28)?;
+        let extra_len = u16_at(zip, at + 30)?;
+        let comment_len = u16_at(zip, at + 32)?;
+        let name = zip.get(at + 46..at + 46 + name_len)?;
+        if !seen.insert(name) {
+            return Some(String::from_utf8_lossy(name).into_owned());
+        }
+        at += 46 + name_len + extra_len + comment_len;
+    }
+    None
 }
 
 fn tree_size(dir: &Path) -> io::Result<u64> {
@@ -689,6 +739,32 @@ pub(crate) mod tests {
         let left: Vec<_> = fs::read_dir(&store.cache).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
         assert_eq!(store.stats().unwrap(), SealStats::default());
+    }
+
+    #[test]
+    fn a_repeated_name_is_refused() {
+        let (_d, store) = store(ArchiveLimits::default());
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        for (name, data) in [("lib/a", b"1"), ("lib/b", b"2")] {
+            w.start_file(name, SimpleFileOptions::default()).unwrap();
+            w.write_all(data).unwrap();
+        }
+        let raw = w.finish().unwrap().into_inner();
+        // Rename b to a in the local header and the central directory.
+        let mut raw = raw;
+        for i in 0..raw.len().saturating_sub(4) {
+            if &raw[i..i + 5] == b"lib/b" {
+                raw[i + 4] = b'a';
+            }
+        }
+        match store.put(&raw) {
+            Err(e @ ArtifactError::Entry { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("lib/a") && msg.contains("twice"), "{msg}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(repeated_name(&zip_of(&[("a", 0o644, b"1")])), None);
     }
 
     #[test]
