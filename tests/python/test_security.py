@@ -329,3 +329,22 @@ def test_environments_get_their_roles_credentials(server, lam, artifacts, tmp_pa
     # Revoked: refused from now on.
     kiln(server, "roles", "revoke-sessions", "worker")
     assert error_of(lambda: as_role.invoke(FunctionName="role-allowed"))[0] == "UnrecognizedClientException"
+
+
+def test_no_body_is_read_for_an_unknown_key(server):
+    """A request naming no known key is refused from its head alone: kiln
+    answers without waiting for (or buffering) the 60 MB it announces."""
+    import socket
+    import time
+    host = server.endpoint.removeprefix("http://")
+    addr, port = host.split(":")
+    now = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    head = (f"POST /2015-03-31/functions HTTP/1.1\r\nHost: {host}\r\nX-Amz-Date: {now}\r\n"
+            f"Authorization: AWS4-HMAC-SHA256 Credential=AKIANOBODY000000/{now[:8]}/us-east-1/lambda/aws4_request, "
+            f"SignedHeaders=host;x-amz-date, Signature={'0' * 64}\r\n"
+            f"Content-Length: 60000000\r\n\r\n")
+    with socket.create_connection((addr, int(port)), timeout=10) as s:
+        s.sendall(head.encode())
+        answer = s.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 403"), answer
+    assert "x-amzn-errortype: unrecognizedclientexception" in answer.lower(), answer

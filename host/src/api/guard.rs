@@ -3,7 +3,9 @@
 //! recorded in the audit trail, before and after its handler runs.
 //!
 //! The body is read here once (within the largest operation limit) because
-//! the signature covers it; handlers get it back unchanged.
+//! the signature covers it; handlers get it back unchanged. It is read only
+//! after the request's head names a known key with a well-formed, current
+//! signature, so an anonymous client cannot make kiln buffer bodies.
 
 use std::net::SocketAddr;
 
@@ -34,6 +36,28 @@ pub(crate) async fn guard(
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_owned(), |c| c.0.to_string());
+    let now = time::OffsetDateTime::now_utc();
+    // The key first, from the request's head: an unknown or malformed
+    // signature is refused before any body is read.
+    let pending = {
+        let headers: Vec<(&str, &[u8])> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        let head = Incoming {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &headers,
+            body: &[],
+        };
+        state.auth.identify(&head, now)
+    };
+    let pending = match pending {
+        Ok(p) => p,
+        Err(e) => return refusal(e).into_response(),
+    };
     let bytes = match read_body(body, MAX_CONTROL_BODY, || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -52,16 +76,14 @@ pub(crate) async fn guard(
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_bytes()))
             .collect();
-        let incoming = Incoming {
+        let whole = Incoming {
             method: parts.method.as_str(),
             path: parts.uri.path(),
             query: parts.uri.query(),
             headers: &headers,
             body: &bytes,
         };
-        state
-            .auth
-            .authenticate(&incoming, time::OffsetDateTime::now_utc())
+        state.auth.verify(&whole, pending)
     };
     let caller = match identity {
         Ok(i) => i,

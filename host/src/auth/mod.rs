@@ -44,6 +44,15 @@ pub struct Authenticated {
     session_token: Option<String>,
 }
 
+/// A request whose signature names a known key, before the signature
+/// itself is checked.
+#[derive(Debug)]
+pub struct Pending {
+    claim: sigv4::Claim,
+    secret: keys::Secret,
+    identity: Identity,
+}
+
 /// How long presigned links (`Code.Location`, layer `Content.Location`)
 /// stay valid: Lambda's 10 minutes.
 pub const PRESIGN_EXPIRY: u64 = 600;
@@ -80,7 +89,16 @@ impl Authenticator {
         req: &Incoming<'_>,
         now: OffsetDateTime,
     ) -> Result<Authenticated, AuthError> {
-        let claim = sigv4::claim(req, &self.config, now)?;
+        let pending = self.identify(req, now)?;
+        self.verify(req, pending)
+    }
+
+    /// The first half of [`Self::authenticate`], from the method, path,
+    /// query and headers alone (the body is not looked at): the signature's
+    /// form, scope and date, and a known key. The API runs it before
+    /// reading a body, so only holders of a key can make it buffer one.
+    pub fn identify(&self, head: &Incoming<'_>, now: OffsetDateTime) -> Result<Pending, AuthError> {
+        let claim = sigv4::claim(head, &self.config, now)?;
         let (secret, identity) = match &claim.session_token {
             None => self
                 .credentials
@@ -91,6 +109,20 @@ impl Authenticator {
                 .lookup_session(&claim.access_key_id, token, now)?
                 .ok_or(SigV4Error::UnknownKey)?,
         };
+        Ok(Pending {
+            claim,
+            secret,
+            identity,
+        })
+    }
+
+    /// The second half: the signature over the whole request, body included.
+    pub fn verify(&self, req: &Incoming<'_>, pending: Pending) -> Result<Authenticated, AuthError> {
+        let Pending {
+            claim,
+            secret,
+            identity,
+        } = pending;
         sigv4::verify(req, &claim, secret.expose(), &self.config)?;
         Ok(Authenticated {
             identity,
