@@ -378,11 +378,15 @@ pub struct Role {
     pub role_name: String,
     /// `arn:aws:iam::ACCOUNT:role/NAME`.
     pub arn: String,
+    /// This incarnation of the role (`AROA...`): sessions name it, so a
+    /// role deleted and created again under its name does not revive them.
+    #[serde(default)]
+    pub role_id: String,
     /// Its identity policy.
     pub policy: serde_json::Value,
     /// When it was created (RFC 3339).
     pub create_date: String,
-    /// Sessions issued before this instant (Unix seconds) are refused:
+    /// Sessions issued before this instant (Unix milliseconds) are refused:
     /// `kiln roles revoke-sessions`.
     #[serde(default)]
     pub revoked_before: i64,
@@ -415,11 +419,13 @@ impl std::fmt::Debug for SessionCredentials {
 struct SessionClaims {
     /// Role name.
     r: String,
+    /// Role id (its incarnation).
+    d: String,
     /// Session name.
     s: String,
     /// Access key id.
     k: String,
-    /// Issued at (Unix seconds).
+    /// Issued at (Unix milliseconds).
     i: i64,
     /// Expires at (Unix seconds).
     e: i64,
@@ -439,6 +445,9 @@ pub struct Credentials {
     cipher: SecretCipher,
     sessions: aws_lc_rs::hmac::Key,
     cache: RwLock<HashMap<String, (Secret, Identity)>>,
+    /// Bumped (under the cache's lock) by every key deletion, so that a
+    /// lookup racing a deletion does not cache the deleted key.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -469,6 +478,7 @@ impl Credentials {
             cipher: SecretCipher::new(&derive(b"kiln-secrets-v1")),
             sessions: hmac::Key::new(hmac::HMAC_SHA256, &derive(b"kiln-sessions-v1")),
             cache: RwLock::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -480,6 +490,7 @@ impl Credentials {
             arn: format!("arn:aws:iam::{}:role/{name}", self.account),
             policy,
             create_date: now_rfc3339(),
+            role_id: new_access_key_id("AROA"),
             revoked_before: 0,
         };
         let exists: Option<Role> = self.meta.read(|d| d.get(Kind::Role, "", name))?;
@@ -520,8 +531,8 @@ impl Credentials {
         let mut role = self
             .role(name)?
             .ok_or_else(|| KeyError::NotFound(format!("The role {name} does not exist")))?;
-        // Sessions issued in this very second are revoked too.
-        role.revoked_before = time::OffsetDateTime::now_utc().unix_timestamp() + 1;
+        // Sessions issued in this very millisecond are revoked too.
+        role.revoked_before = now_millis() + 1;
         self.meta.write(|d| d.put(Kind::Role, "", name, &role))?;
         Ok(())
     }
@@ -537,9 +548,10 @@ impl Credentials {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let claims = SessionClaims {
             r: role.role_name.clone(),
+            d: role.role_id.clone(),
             s: session.to_owned(),
             k: new_access_key_id("ASIA"),
-            i: now,
+            i: now_millis(),
             e: now.saturating_add(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX)),
         };
         let payload = serde_json::to_vec(&claims).unwrap_or_default();
@@ -594,7 +606,7 @@ impl Credentials {
         let Some(role) = self.role(&claims.r)? else {
             return Ok(None);
         };
-        if claims.i < role.revoked_before {
+        if claims.i < role.revoked_before || claims.d != role.role_id {
             return Ok(None);
         }
         Ok(Some((
@@ -642,6 +654,7 @@ impl Credentials {
         {
             return Ok(Some(found.clone()));
         }
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let record: Option<KeyRecord> = self
             .meta
             .read(|d| d.get(Kind::AccessKey, "", access_key_id))?;
@@ -667,7 +680,9 @@ impl Credentials {
                 policies: vec![record.summary.policy.clone()],
             },
         );
-        if let Ok(mut cache) = self.cache.write() {
+        if let Ok(mut cache) = self.cache.write()
+            && self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation
+        {
             cache.insert(access_key_id.to_owned(), found.clone());
         }
         Ok(Some(found))
@@ -709,6 +724,8 @@ impl Credentials {
             .meta
             .write(|d| d.delete(Kind::AccessKey, "", access_key_id))?;
         if let Ok(mut cache) = self.cache.write() {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             cache.remove(access_key_id);
         }
         if removed {
@@ -719,6 +736,12 @@ impl Credentials {
             )))
         }
     }
+}
+
+/// The current time in Unix milliseconds.
+fn now_millis() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX)
 }
 
 /// The current time as RFC 3339 (UTC, milliseconds).
@@ -851,6 +874,23 @@ mod tests {
         );
         creds.delete_role("worker").unwrap();
         assert!(creds.role("worker").unwrap().is_none());
+        // A role created again under the name does not revive old sessions.
+        let again = creds
+            .create_role("worker", serde_json::json!({"Statement": []}))
+            .unwrap();
+        assert!(
+            creds
+                .lookup_session(&session.access_key_id, &session.session_token, now)
+                .unwrap()
+                .is_none()
+        );
+        let fresh = creds.issue_session(&again, "env-2", std::time::Duration::from_secs(60));
+        assert!(
+            creds
+                .lookup_session(&fresh.access_key_id, &fresh.session_token, now)
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

@@ -57,7 +57,9 @@ pub fn operation(
         ("GET", "/2018-10-31/layers" | "/2018-10-31/layers/", _) => ("ListLayers", Resource::Any),
         (m, _, Some(tail)) => {
             let f = Resource::Function(param("name"), qualifier);
-            let unq = Resource::Function(param("name"), None);
+            // Operations on the whole function: a qualifier in the name is
+            // ignored by their handlers, so it must not narrow the resource.
+            let unq = Resource::Unqualified(param("name"));
             match (m, tail, route.get(..11)) {
                 ("GET", "", _) => ("GetFunction", f),
                 ("DELETE", "", _) => ("DeleteFunction", f),
@@ -198,6 +200,8 @@ enum Resource<'a> {
     Any,
     /// A function as named by the caller, and a qualifier.
     Function(Option<&'a str>, Option<&'a str>),
+    /// A function as a whole, whatever qualifier its name carries.
+    Unqualified(Option<&'a str>),
     /// A layer name (or ARN) and a version.
     Layer(Option<&'a str>, Option<&'a str>),
     Queue(Option<&'a str>),
@@ -209,6 +213,11 @@ impl Resource<'_> {
         let base = format!("arn:aws:lambda:{}:{}", ctx.region, ctx.account_id);
         match self {
             Resource::Any => ("*".to_owned(), None, None),
+            Resource::Unqualified(name) => {
+                let raw = name.unwrap_or("");
+                let name = parse_function_ref(raw, ctx).map_or_else(|_| raw.to_owned(), |r| r.name);
+                (format!("{base}:function:{name}"), Some(name), None)
+            }
             Resource::Function(name, qualifier) => {
                 let raw = name.unwrap_or("");
                 // A name the API will refuse anyway is still given a
@@ -312,6 +321,21 @@ mod tests {
         .unwrap();
         assert_eq!(op.action, "lambda:CreateFunction");
         assert_eq!(op.function.as_deref(), Some("new"));
+
+        // A qualifier in the name does not narrow an operation on the whole
+        // function (an alias grant must not publish versions).
+        for (method, route) in [
+            ("POST", "/2015-03-31/functions/{name}/versions"),
+            ("POST", "/2015-03-31/functions/{name}/aliases"),
+            ("GET", "/kiln/functions/{name}/config-history"),
+        ] {
+            let op = operation(method, route, &[("name", "app:dev")], None, None, &ctx()).unwrap();
+            assert_eq!(
+                op.resource, "arn:aws:lambda:us-east-1:000000000000:function:app",
+                "{route}"
+            );
+            assert_eq!(op.qualifier, None);
+        }
 
         let op = operation("POST", "/kiln/keys", &[], None, None, &ctx()).unwrap();
         assert_eq!(op.action, "kiln:CreateAccessKey");
