@@ -163,6 +163,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use crate::store::artifacts::hex;
+
 /// The records file's name in the audit directory.
 pub const RECORDS_FILE: &str = "records.jsonl";
 /// The digests file's name in the audit directory.
@@ -180,10 +182,6 @@ const REALIGN_OFFSETS: [isize; 5] = [0, 1, -1, 2, -2];
 
 type Hash = [u8; 32];
 const ZERO: Hash = [0; 32];
-
-const TIME_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-);
 
 /// Why the audit trail could not be opened, written or read.
 #[derive(Debug, thiserror::Error)]
@@ -440,16 +438,6 @@ fn to_hash(d: &digest::Digest) -> Hash {
     d.as_ref().try_into().unwrap_or(ZERO)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    out
-}
-
 /// Lowercase hex to bytes; `None` for anything else.
 fn unhex_vec(text: &str) -> Option<Vec<u8>> {
     fn digit(c: u8) -> Option<u8> {
@@ -500,7 +488,7 @@ pub fn parse_public_key(text: &str) -> Result<Vec<u8>, AuditError> {
 
 fn format_time(t: OffsetDateTime) -> Result<String, AuditError> {
     t.to_offset(time::UtcOffset::UTC)
-        .format(TIME_FORMAT)
+        .format(crate::control::model::RFC3339_MILLIS)
         .map_err(AuditError::Time)
 }
 

@@ -9,7 +9,6 @@ mod common;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -83,16 +82,7 @@ fn run_vmm(extra: &[&str], talk: impl FnOnce(&mut UnixStream)) -> Run {
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: between fork and exec only dup2 and fcntl, on integers.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::fcntl(3, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
+    kiln::sandbox::jail::channel_on_fd3(&mut command, fd);
     let child = command.spawn().expect("spawning kiln vmm");
     drop(theirs);
     ours.set_read_timeout(Some(Duration::from_secs(20)))
@@ -208,16 +198,7 @@ fn a_kernel_that_is_not_an_elf_is_refused_clearly() {
         "--channel-fd",
         "3",
     ]);
-    // SAFETY: between fork and exec only dup2 and fcntl, on integers.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::fcntl(3, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
+    kiln::sandbox::jail::channel_on_fd3(&mut command, fd);
     let out = command.output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -39,22 +39,19 @@ pub(crate) async fn guard(
     let now = time::OffsetDateTime::now_utc();
     // The key first, from the request's head: an unknown or malformed
     // signature is refused before any body is read.
-    let pending = {
-        let headers: Vec<(&str, &[u8])> = parts
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_bytes()))
-            .collect();
-        let head = Incoming {
-            method: parts.method.as_str(),
-            path: parts.uri.path(),
-            query: parts.uri.query(),
-            headers: &headers,
-            body: &[],
-        };
-        state.auth.identify(&head, now)
+    let headers: Vec<(&str, &[u8])> = parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    let head = Incoming {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &headers,
+        body: &[],
     };
-    let pending = match pending {
+    let pending = match state.auth.identify(&head, now) {
         Ok(p) => p,
         Err(e) => return refusal(e).into_response(),
     };
@@ -70,21 +67,13 @@ pub(crate) async fn guard(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let identity = {
-        let headers: Vec<(&str, &[u8])> = parts
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_bytes()))
-            .collect();
-        let whole = Incoming {
-            method: parts.method.as_str(),
-            path: parts.uri.path(),
-            query: parts.uri.query(),
-            headers: &headers,
+    let identity = state.auth.verify(
+        &Incoming {
             body: &bytes,
-        };
-        state.auth.verify(&whole, pending)
-    };
+            ..head
+        },
+        pending,
+    );
     let caller = match identity {
         Ok(i) => i,
         Err(e) => return refusal(e).into_response(),
@@ -196,7 +185,7 @@ async fn history(
         .or_else(|| op.function.clone());
     if let Some(function) = function {
         let change = crate::control::history::Change {
-            time: crate::auth::keys::now_rfc3339(),
+            time: crate::control::model::now_rfc3339(),
             principal: principal.to_owned(),
             action: op.name.to_owned(),
             qualifier: op.qualifier.clone(),
@@ -301,21 +290,19 @@ async fn authorize(state: &AppState, identity: &Identity, op: &Operation) -> Res
     if identity.caller == crate::auth::keys::Caller::Root {
         return Ok(());
     }
-    let policy = match &op.function {
-        Some(name) => {
-            let r = FunctionRef {
-                name: name.clone(),
-                qualifier: op.qualifier.clone(),
-            };
-            state
-                .control
-                .get_policy(&r)
-                .await
-                .ok()
-                .and_then(|p| serde_json::from_str(&p.document()).ok())
-        }
-        None => None,
-    };
+    let policy =
+        match &op.function {
+            Some(name) => {
+                let r = FunctionRef {
+                    name: name.clone(),
+                    qualifier: op.qualifier.clone(),
+                };
+                state.control.get_policy(&r).await.ok().map(
+                    |p| serde_json::json!({ "Version": "2012-10-17", "Statement": p.statements }),
+                )
+            }
+            None => None,
+        };
     state.auth.authorize(identity, op, policy.as_ref())
 }
 

@@ -10,8 +10,8 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, json_body};
-use crate::auth::keys::KeyError;
+use super::{ApiError, AppState, blocking, json_body};
+use crate::auth::keys::{Credentials, KeyError};
 use crate::auth::policy::PolicyDocument;
 
 /// Largest identity policy, as IAM's managed-policy limit.
@@ -80,13 +80,13 @@ fn key_error(e: KeyError) -> ApiError {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, KeyError> + Send + 'static,
+/// Runs `f` on the credential store off the async workers.
+async fn with_credentials<T: Send + 'static>(
+    s: &AppState,
+    f: impl FnOnce(&Credentials) -> Result<T, KeyError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(key_error)
+    let credentials = s.auth.credentials().clone();
+    blocking(key_error, move || f(&credentials)).await
 }
 
 pub(super) async fn create_key(
@@ -95,14 +95,12 @@ pub(super) async fn create_key(
 ) -> Result<impl IntoResponse, ApiError> {
     let req: CreateKey = json_body(body, "CreateAccessKey").await?;
     let policy = identity_policy(req.policy_document)?;
-    let creds = s.auth.credentials().clone();
-    let key = blocking(move || creds.create_key(&req.user_name, policy)).await?;
+    let key = with_credentials(&s, move |creds| creds.create_key(&req.user_name, policy)).await?;
     Ok((StatusCode::CREATED, Json(json!({ "AccessKey": key }))))
 }
 
 pub(super) async fn list_keys(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let creds = s.auth.credentials().clone();
-    let keys = blocking(move || creds.list_keys()).await?;
+    let keys = with_credentials(&s, move |creds| creds.list_keys()).await?;
     Ok(Json(json!({ "AccessKeys": keys })))
 }
 
@@ -110,8 +108,7 @@ pub(super) async fn delete_key(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let creds = s.auth.credentials().clone();
-    blocking(move || creds.delete_key(&id)).await?;
+    with_credentials(&s, move |creds| creds.delete_key(&id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -121,14 +118,12 @@ pub(super) async fn create_role(
 ) -> Result<impl IntoResponse, ApiError> {
     let req: CreateRole = json_body(body, "CreateRole").await?;
     let policy = identity_policy(req.policy_document)?;
-    let creds = s.auth.credentials().clone();
-    let role = blocking(move || creds.create_role(&req.role_name, policy)).await?;
+    let role = with_credentials(&s, move |creds| creds.create_role(&req.role_name, policy)).await?;
     Ok((StatusCode::CREATED, Json(json!({ "Role": role }))))
 }
 
 pub(super) async fn list_roles(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let creds = s.auth.credentials().clone();
-    let roles = blocking(move || creds.list_roles()).await?;
+    let roles = with_credentials(&s, move |creds| creds.list_roles()).await?;
     Ok(Json(json!({ "Roles": roles })))
 }
 
@@ -136,8 +131,7 @@ pub(super) async fn delete_role(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let creds = s.auth.credentials().clone();
-    blocking(move || creds.delete_role(&name)).await?;
+    with_credentials(&s, move |creds| creds.delete_role(&name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -145,8 +139,7 @@ pub(super) async fn revoke_sessions(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let creds = s.auth.credentials().clone();
-    blocking(move || creds.revoke_sessions(&name)).await?;
+    with_credentials(&s, move |creds| creds.revoke_sessions(&name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -155,18 +148,16 @@ pub(super) async fn rotate_master(
     State(s): State<AppState>,
 ) -> Result<impl IntoResponse, ApiError> {
     let control = s.control.clone();
-    let report = tokio::task::spawn_blocking(move || control.artifacts().rotate_master())
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| match e {
-            crate::store::artifacts::ArtifactError::Sealed(
-                crate::store::sealed::SealError::MasterKey(m),
-            ) => ApiError::new(StatusCode::CONFLICT, "ResourceConflictException", m),
-            other => {
-                tracing::error!(error = %other, "master key rotation");
-                ApiError::internal(format!("Rotating the master key failed: {other}"))
-            }
-        })?;
+    let refused = |e| match e {
+        crate::store::artifacts::ArtifactError::Sealed(
+            crate::store::sealed::SealError::MasterKey(m),
+        ) => ApiError::new(StatusCode::CONFLICT, "ResourceConflictException", m),
+        other => {
+            tracing::error!(error = %other, "master key rotation");
+            ApiError::internal(format!("Rotating the master key failed: {other}"))
+        }
+    };
+    let report = blocking(refused, move || control.artifacts().rotate_master()).await?;
     Ok(Json(json!({
         "BlobsRewrapped": report.blobs_rewrapped,
         "OldKeyId": report.old_key_id,

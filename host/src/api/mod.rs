@@ -263,6 +263,18 @@ async fn request_id(request: Request, next: Next) -> Response {
     response
 }
 
+/// Runs blocking store work off the async workers, its error answered as
+/// `error` says.
+pub(crate) async fn blocking<T: Send + 'static, E: Send + 'static>(
+    error: impl FnOnce(E) -> ApiError,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("store task failed: {e}")))?
+        .map_err(error)
+}
+
 /// Reads a body of at most `limit` bytes; a larger one is answered with
 /// `too_large`.
 pub(crate) async fn read_body(

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiError, AppState, Paging, json_body, listing};
+use super::{ApiError, AppState, Paging, blocking, json_body, listing};
 use crate::store::queue::QueueError;
 
 #[derive(Debug, Deserialize)]
@@ -37,15 +37,6 @@ fn queue_error(e: QueueError) -> ApiError {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("queue task: {e}")))?
-        .map_err(queue_error)
-}
-
 pub(super) async fn list(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -71,7 +62,7 @@ pub(super) async fn list(
     let function = r.name.clone();
     let condition = q.condition.clone();
     // Read one more than asked to know whether another page follows.
-    let (records, next) = blocking(move || {
+    let (records, next) = blocking(queue_error, move || {
         let mut out = Vec::new();
         let mut cursor = after;
         loop {
@@ -103,7 +94,7 @@ pub(super) async fn show(
 ) -> Result<impl IntoResponse, ApiError> {
     let r = s.control.function_ref(&name, None)?;
     let queue = s.data.queue().clone();
-    let record = blocking(move || queue.record(&r.name, id)).await?;
+    let record = blocking(queue_error, move || queue.record(&r.name, id)).await?;
     Ok(Json(record))
 }
 

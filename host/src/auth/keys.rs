@@ -25,6 +25,7 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use crate::control::model::now_rfc3339;
 use crate::store::meta::{Kind, MetaError, MetaStore};
 
 /// Why a credentials operation failed.
@@ -742,15 +743,6 @@ impl Credentials {
 fn now_millis() -> i64 {
     i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
         .unwrap_or(i64::MAX)
-}
-
-/// The current time as RFC 3339 (UTC, milliseconds).
-pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    now.format(&fmt).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 
 use self::keys::{Caller, Credentials, Identity, KeyError};
 use self::operations::Operation;
-use self::policy::{Decision, PolicyDocument, RequestContext};
+use self::policy::{Decision, PolicyDocument, PolicyKind, RequestContext};
 use self::sigv4::{Incoming, SigV4Error, VerifyConfig};
 
 /// Why a request is refused.
@@ -181,10 +181,10 @@ impl Authenticator {
         let identity_policies: Vec<PolicyDocument> = identity
             .policies
             .iter()
-            .filter_map(|p| PolicyDocument::parse_identity(&p.to_string()).ok())
+            .filter_map(|p| PolicyDocument::from_value(p, PolicyKind::Identity).ok())
             .collect();
         let resource =
-            resource_policy.and_then(|p| PolicyDocument::parse_resource(&p.to_string()).ok());
+            resource_policy.and_then(|p| PolicyDocument::from_value(p, PolicyKind::Resource).ok());
         let ctx = RequestContext {
             principal_arn: &identity.arn,
             account: self.credentials.account(),

@@ -33,6 +33,8 @@ use aws_lc_rs::{constant_time, digest, hmac};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
+use crate::store::artifacts::hex;
+
 /// The only algorithm kiln accepts.
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 
@@ -676,9 +678,11 @@ fn canonical_uri(path: &str, cfg: &VerifyConfig) -> Result<String, SigV4Error> {
         )));
     }
     let segments: Vec<&str> = path[1..].split('/').collect();
-    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
-    if cfg.normalize_path {
+    let segments = if cfg.normalize_path {
+        // Dot segments resolved and empty ones dropped; a trailing slash
+        // stays (as an empty last segment) unless nothing is left.
         let last = segments.len().saturating_sub(1);
+        let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
         let mut trailing_slash = false;
         for (i, seg) in segments.iter().enumerate() {
             match *seg {
@@ -693,27 +697,21 @@ fn canonical_uri(path: &str, cfg: &VerifyConfig) -> Result<String, SigV4Error> {
                 }
             }
         }
-        let mut out = String::from("/");
-        for (i, seg) in kept.iter().enumerate() {
-            if i > 0 {
-                out.push('/');
-            }
-            encode_segment(&mut out, seg, cfg.path_encoding);
-        }
         if trailing_slash && !kept.is_empty() {
+            kept.push("");
+        }
+        kept
+    } else {
+        segments
+    };
+    let mut out = String::from("/");
+    for (i, seg) in segments.iter().enumerate() {
+        if i > 0 {
             out.push('/');
         }
-        Ok(out)
-    } else {
-        let mut out = String::from("/");
-        for (i, seg) in segments.iter().enumerate() {
-            if i > 0 {
-                out.push('/');
-            }
-            encode_segment(&mut out, seg, cfg.path_encoding);
-        }
-        Ok(out)
+        encode_segment(&mut out, seg, cfg.path_encoding);
     }
+    Ok(out)
 }
 
 fn encode_segment(out: &mut String, seg: &str, mode: PathEncoding) {
@@ -812,11 +810,6 @@ fn uri_encode(out: &mut String, bytes: &[u8]) {
             out.push(char::from(HEX[usize::from(b & 15)]));
         }
     }
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    crate::store::artifacts::hex(bytes)
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {

@@ -21,9 +21,9 @@ pub struct Built {
     pub zip_size: u64,
 }
 
-/// Builds the crate at `path` and writes the zip to `output` (default:
-/// `<crate>.zip` in the current directory).
-pub fn build(path: &Path, output: Option<&Path>) -> Result<Built> {
+/// The canonical path of the Cargo.toml of the crate at `path` (a
+/// directory or the manifest itself); `hint` adds what the crate must be.
+fn manifest_of(path: &Path, hint: &str) -> Result<PathBuf> {
     let manifest = if path.is_dir() {
         path.join("Cargo.toml")
     } else {
@@ -31,14 +31,23 @@ pub fn build(path: &Path, output: Option<&Path>) -> Result<Built> {
     };
     if !manifest.is_file() {
         bail!(
-            "{} is not a Rust crate: expected a directory with a Cargo.toml (a crate that \
-             depends on kiln-sdk and has crate-type = [\"cdylib\"])",
+            "{} is not a Rust crate: expected a directory with a Cargo.toml{hint}",
             path.display()
         );
     }
-    let manifest = manifest
+    manifest
         .canonicalize()
-        .with_context(|| format!("resolving {}", manifest.display()))?;
+        .with_context(|| format!("resolving {}", manifest.display()))
+}
+
+/// Builds the crate at `path` and writes the zip to `output` (default:
+/// `<crate>.zip` in the current directory).
+pub fn build(path: &Path, output: Option<&Path>) -> Result<Built> {
+    let manifest = manifest_of(
+        path,
+        " (a crate that \
+             depends on kiln-sdk and has crate-type = [\"cdylib\"])",
+    )?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut child = Command::new(&cargo)
         .args(["build", "--release", "--target", "wasm32-wasip2"])
@@ -150,20 +159,7 @@ pub const NATIVE_TARGET: &str = "x86_64-unknown-linux-musl";
 /// (or its only binary) if it has one, else a bootstrap around its kiln-sdk
 /// handler. Writes a zip holding `bootstrap`.
 pub fn build_native(path: &Path, output: Option<&Path>) -> Result<Built> {
-    let manifest = if path.is_dir() {
-        path.join("Cargo.toml")
-    } else {
-        path.to_path_buf()
-    };
-    if !manifest.is_file() {
-        bail!(
-            "{} is not a Rust crate: expected a directory with a Cargo.toml",
-            path.display()
-        );
-    }
-    let manifest = manifest
-        .canonicalize()
-        .with_context(|| format!("resolving {}", manifest.display()))?;
+    let manifest = manifest_of(path, "")?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let metadata = Command::new(&cargo)
         .args([

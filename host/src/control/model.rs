@@ -409,6 +409,20 @@ pub struct EventInvokeRecord {
     pub last_modified: f64,
 }
 
+/// RFC 3339 in UTC with milliseconds, `2024-05-01T12:00:00.123Z`: the
+/// times of kiln's own records (keys, roles, audit trail, configuration
+/// history).
+pub const RFC3339_MILLIS: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+);
+
+/// The current time in [`RFC3339_MILLIS`].
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(RFC3339_MILLIS)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
+}
+
 /// Lambda's `LastModified` format: `2024-05-01T12:00:00.123+0000`.
 pub fn now_last_modified() -> String {
     let now = time::OffsetDateTime::now_utc();

@@ -93,8 +93,9 @@ pub(crate) fn install_once(
 }
 
 /// Puts `fd` at descriptor 3 of the child `command` starts (its channel),
-/// and ties the child's life to the thread that spawns it.
-pub(crate) fn channel_on_fd3(command: &mut Command, fd: std::os::fd::RawFd) {
+/// and ties the child's life to the thread that spawns it. Public for the
+/// VMM's end-to-end tests, which start `kiln vmm` as the server does.
+pub fn channel_on_fd3(command: &mut Command, fd: std::os::fd::RawFd) {
     // SAFETY: the closure runs between fork and exec and makes only
     // async-signal-safe calls (dup2, fcntl, prctl) on integers.
     unsafe {
@@ -240,16 +241,12 @@ impl Sandbox for JailSandbox {
         match family {
             Some(Family::Native) => Ok(PreparedCode::new(SandboxKind::Jail, JailCode::Native)),
             Some(Family::Wasm) => {
-                // Validate and compile on the host, as in-process Wasm does;
-                // environments load the compiled file read-only.
-                let host = super::wasm::WasmSandbox::new(self.wasm.clone());
-                host.prepare(code).await?;
-                let rel = crate::store::artifacts::safe_relative(&code.handler)
-                    .ok_or_else(|| SandboxError::InvalidCode("invalid Handler path".into()))?;
+                // Environments load the host's compiled file read-only.
+                let component = super::wasm::prepare_for_guest(&self.wasm, code).await?;
                 Ok(PreparedCode::new(
                     SandboxKind::Jail,
                     JailCode::Wasm {
-                        component: Path::new("/var/task").join(rel).display().to_string(),
+                        component,
                         precompiled: self.wasm.cached_path(&code.key),
                     },
                 ))
@@ -617,22 +614,7 @@ impl ExecutionEnvironment for JailEnvironment {
         };
         let result = tokio::time::timeout(request.timeout, exchange).await;
         let (outcome, logs) = match result {
-            Ok(Ok(r)) => {
-                let outcome = match r.outcome {
-                    kiln_proto::Outcome::Response(p) => Outcome::Response(p),
-                    kiln_proto::Outcome::FunctionError { error_type, body } => {
-                        Outcome::FunctionError { error_type, body }
-                    }
-                    kiln_proto::Outcome::Failed {
-                        error_type,
-                        message,
-                    } => Outcome::Failed {
-                        error_type,
-                        message,
-                    },
-                };
-                (outcome, r.logs)
-            }
+            Ok(Ok(r)) => (r.outcome, r.logs),
             Ok(Err(e)) => (
                 failed(
                     "Runtime.Unavailable",

@@ -267,16 +267,10 @@ impl Sandbox for MicroVmSandbox {
             Some(Family::Native) => Ok(PreparedCode::new(SandboxKind::MicroVm, VmCode::Native)),
             Some(Family::Wasm) => {
                 // Validated on the host; the guest compiles it for its CPU.
-                super::wasm::WasmSandbox::new(self.wasm.clone())
-                    .prepare(code)
-                    .await?;
-                let rel = crate::store::artifacts::safe_relative(&code.handler)
-                    .ok_or_else(|| SandboxError::InvalidCode("invalid Handler path".into()))?;
+                let component = super::wasm::prepare_for_guest(&self.wasm, code).await?;
                 Ok(PreparedCode::new(
                     SandboxKind::MicroVm,
-                    VmCode::Wasm {
-                        component: Path::new("/var/task").join(rel).display().to_string(),
-                    },
+                    VmCode::Wasm { component },
                 ))
             }
             None => Err(SandboxError::InvalidCode(format!(

@@ -141,28 +141,9 @@ pub struct InvocationRequest {
     pub timeout: Duration,
 }
 
-/// How an invocation or init ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The response payload.
-    Response(Vec<u8>),
-    /// The function reported an error; its environment stays usable.
-    FunctionError {
-        /// `errorType`.
-        error_type: String,
-        /// The error document the caller receives (Lambda's
-        /// `{"errorType", "errorMessage", ...}` as the runtime wrote it).
-        body: Vec<u8>,
-    },
-    /// The environment failed (crash, timeout, out of memory) and is not
-    /// reusable.
-    Failed {
-        /// `errorType`.
-        error_type: String,
-        /// `errorMessage`.
-        message: String,
-    },
-}
+/// How an invocation or init ended: the agent's wire type, which every
+/// sandbox (in-process ones too) reports.
+pub use kiln_proto::Outcome;
 
 /// An invocation's outcome and measurements.
 #[derive(Debug)]

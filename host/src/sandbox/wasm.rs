@@ -30,6 +30,22 @@ impl WasmSandbox {
     }
 }
 
+/// For sandboxes that run Wasm inside a guest (jail, microVM): validates
+/// and compiles `code` on the host as in-process Wasm does, and gives the
+/// component's path as the guest sees it under `/var/task`.
+pub(crate) async fn prepare_for_guest(
+    runtime: &Arc<Runtime>,
+    code: &CodeSpec,
+) -> Result<String, SandboxError> {
+    WasmSandbox::new(runtime.clone()).prepare(code).await?;
+    let rel = safe_relative(&code.handler)
+        .ok_or_else(|| SandboxError::InvalidCode("invalid Handler path".into()))?;
+    Ok(std::path::Path::new("/var/task")
+        .join(rel)
+        .display()
+        .to_string())
+}
+
 #[async_trait]
 impl Sandbox for WasmSandbox {
     fn kind(&self) -> SandboxKind {
