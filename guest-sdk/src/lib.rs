@@ -283,6 +283,8 @@ pub mod log {
     }
 }
 
+mod clock;
+pub mod lambda;
 #[cfg(not(target_family = "wasm"))]
 mod native;
 

@@ -210,6 +210,18 @@ impl Server {
         let dir = &config.data_dir;
         let lock = lock_data_dir(dir)?;
 
+        // Bound before the sandboxes exist: they hand its address to code.
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
         let meta = Arc::new(MetaStore::open(&dir.join("kiln.db"))?);
         let sealed = SealedStore::open(dir.join("code"), dir.join("keys"), MasterKey::from_env()?)?;
         tracing::info!(key_id = %sealed.master_key_id(), "code archives sealed under master key");
@@ -229,7 +241,7 @@ impl Server {
             account_id: config.account_id.clone(),
         };
         let queue = Arc::new(QueueStore::open(&dir.join("kiln.db"))?);
-        let sandboxes = sandboxes(&config, runtime).await?;
+        let sandboxes = sandboxes(&config, runtime, addr).await?;
         let data = DataPlane::new(
             sandboxes,
             envs,
@@ -280,16 +292,6 @@ impl Server {
             },
         ));
 
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
         let audit =
             crate::audit::AuditLog::open(&dir.join("audit"), &keys_dir.join("audit-signing.pk8"))
                 .map_err(|e| StartError::Config(format!("the audit trail: {e}")))?;
@@ -367,8 +369,15 @@ impl Server {
 /// The sandboxes this host runs: microVMs when a guest boots here, else the
 /// jail when its probe passes (it runs
 /// native runtimes, and Wasm when asked to), wasmtime in-process for Wasm.
-async fn sandboxes(config: &ServerConfig, runtime: Arc<Runtime>) -> Result<Sandboxes, StartError> {
+async fn sandboxes(
+    config: &ServerConfig,
+    runtime: Arc<Runtime>,
+    api: SocketAddr,
+) -> Result<Sandboxes, StartError> {
     let dir = &config.data_dir;
+    let api_socket = crate::sandbox::relay::start(&dir.join("run"), api).map_err(|e| {
+        StartError::Config(format!("the API relay socket in {}: {e}", dir.display()))
+    })?;
     let group = crate::sandbox::cgroup::group_for(dir);
     let removed = tokio::task::spawn_blocking({
         let group = group.clone();
@@ -385,8 +394,9 @@ async fn sandboxes(config: &ServerConfig, runtime: Arc<Runtime>) -> Result<Sandb
     let jail: Result<Arc<JailSandbox>, String> = async {
         let agent = install_agent(&dir.join("runtime"))
             .map_err(|e| format!("installing the agent: {e}"))?;
-        let jail =
-            JailSandbox::new(agent, runtime.clone(), group.clone()).map_err(|e| e.to_string())?;
+        let jail = JailSandbox::new(agent, runtime.clone(), group.clone())
+            .map_err(|e| e.to_string())?
+            .with_api_socket(api_socket);
         let scratch = dir
             .join("envs")
             .join(format!("probe-{}", uuid::Uuid::new_v4().simple()));
@@ -413,7 +423,10 @@ async fn sandboxes(config: &ServerConfig, runtime: Arc<Runtime>) -> Result<Sandb
     }
     let wasm: Arc<dyn Sandbox> = match (config.wasm_sandbox, &jail, &microvm) {
         (WasmPlacement::InProcess, _, Ok(vm)) => vm.clone(),
-        (WasmPlacement::InProcess, _, Err(_)) => Arc::new(WasmSandbox::new(runtime)),
+        (WasmPlacement::InProcess, _, Err(_)) => Arc::new(WasmSandbox::new(
+            runtime,
+            Some(crate::sandbox::relay::loopback(api)),
+        )),
         (WasmPlacement::Jail, Ok(j), _) => j.clone(),
         (WasmPlacement::Jail, Err(why), _) => {
             return Err(StartError::Sandbox(format!(

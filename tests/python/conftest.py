@@ -6,6 +6,7 @@ Environment:
   KILN_BIN   path of the kiln binary (the test command sets it)
 """
 
+import json
 import os
 import pathlib
 import re
@@ -177,3 +178,11 @@ def create(lam, name, zip_bytes, **kwargs):
     )
     params.update(kwargs)
     return lam.create_function(**params)
+
+
+def kiln(server, *args):
+    """Runs the kiln CLI against `server` as root and returns its JSON output."""
+    out = subprocess.run([kiln_bin(), *args, "--endpoint", server.endpoint, "--output", "json"],
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, **ROOT_ENV))
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout) if out.stdout.strip() else None

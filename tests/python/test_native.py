@@ -15,7 +15,7 @@ import zipfile
 
 import pytest
 
-from conftest import KilnServer, ROLE, create, kiln_bin
+from conftest import KilnServer, ROLE, create, kiln, kiln_bin
 
 ARN = "arn:aws:lambda:us-east-1:000000000000"
 
@@ -180,7 +180,9 @@ def test_a_fork_bomb_is_contained(server, lam, artifacts):
 def test_the_file_system_is_the_jails(lam, artifacts):
     native(lam, "fs", artifacts["native-misbehave"])
     _, root = call(lam, "fs", {"action": "ls", "arg": "/"})
-    assert root == {"ok": ["dev", "etc", "opt", "proc", "tmp", "var"]}
+    assert root == {"ok": ["dev", "etc", "opt", "proc", "run", "tmp", "var"]}
+    # /run holds only the way back to kiln's API.
+    assert call(lam, "fs", {"action": "ls", "arg": "/run/kiln"})[1] == {"ok": ["api.sock"]}
     _, dev = call(lam, "fs", {"action": "ls", "arg": "/dev"})
     assert dev == {"ok": ["null", "random", "urandom", "zero"]}
     for path in ["/var/task/new", "/opt/new", "/etc/new", "/new"]:
@@ -326,3 +328,25 @@ def test_wasm_in_the_jail_behaves_as_in_process(jailed_wasm, artifacts):
     assert env["AWS_LAMBDA_FUNCTION_NAME"] == "jw"
     create(lam, "jw-hello", artifacts["hello"])
     assert call(lam, "jw-hello", {"name": "jail"})[1]["greeting"] == "Hello, jail!"
+
+
+def test_wasm_in_the_jail_calls_kiln_through_the_relay(jailed_wasm, artifacts, tmp_path):
+    """The agent relays 127.0.0.1:9002 in the jail to kiln's API socket, and
+    its wasmtime lets wasi:http reach that address and no other."""
+    lam = jailed_wasm.client()
+    create(lam, "jw-target", artifacts["hello"])
+    create(lam, "jw-other", artifacts["hello"])
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"Statement": [{"Effect": "Allow", "Action": "lambda:InvokeFunction",
+                                                 "Resource": f"{ARN}:function:jw-target"}]}))
+    role = kiln(jailed_wasm, "roles", "create", "jw-caller", "--policy", str(policy))["Role"]
+    create(lam, "jw-caller", artifacts["misbehave"], Role=role["Arn"])
+    _, env = call(lam, "jw-caller", {"action": "env"})
+    assert env["AWS_ENDPOINT_URL_LAMBDA"] == "http://127.0.0.1:9002"
+    _, ok = call(lam, "jw-caller", {"action": "invoke", "arg": {"function": "jw-target", "payload": {"name": "relay"}}})
+    assert ok["status"] == 200 and json.loads(ok["payload"])["greeting"] == "Hello, relay!", ok
+    _, no = call(lam, "jw-caller", {"action": "invoke", "arg": {"function": "jw-other"}})
+    assert (no["status"], no["error_type"]) == (403, "AccessDeniedException"), no
+    _, elsewhere = call(lam, "jw-caller", {"action": "invoke",
+                                           "arg": {"function": "jw-target", "endpoint": jailed_wasm.endpoint}})
+    assert "HttpRequestDenied" in elsewhere["error"], elsewhere

@@ -15,7 +15,7 @@ import botocore.auth
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import ROOT_ENV, KilnServer, create, kiln_bin, sign
+from conftest import ROOT_ENV, KilnServer, create, kiln, kiln_bin, sign
 
 ARN = "arn:aws:lambda:us-east-1:000000000000"
 
@@ -77,13 +77,6 @@ def test_clock_skew_window_is_five_minutes(server, monkeypatch, minutes, accepte
         code, status, message = error_of(lam.list_functions)
         assert (code, status) == ("InvalidSignatureException", 403)
         assert "Signature expired" in message or "not yet current" in message
-
-
-def kiln(server, *args):
-    out = subprocess.run([kiln_bin(), *args, "--endpoint", server.endpoint, "--output", "json"],
-                         capture_output=True, text=True, timeout=60, env=dict(os.environ, **ROOT_ENV))
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout) if out.stdout.strip() else None
 
 
 def test_identity_and_resource_policies(server, lam, artifacts, tmp_path):
@@ -329,6 +322,64 @@ def test_environments_get_their_roles_credentials(server, lam, artifacts, tmp_pa
     # Revoked: refused from now on.
     kiln(server, "roles", "revoke-sessions", "worker")
     assert error_of(lambda: as_role.invoke(FunctionName="role-allowed"))[0] == "UnrecognizedClientException"
+
+
+@pytest.mark.parametrize("sandbox", ["wasm", "native"])
+def test_functions_call_kiln_with_their_roles_credentials(server, lam, artifacts, tmp_path, sandbox):
+    """From inside its sandbox (wasmtime in-process, or a jail), a function
+    invokes another function with its role's credentials: allowed where the
+    role allows, AccessDenied elsewhere, refused once its sessions are
+    revoked. Wasm reaches kiln through wasi:http, native code through the
+    agent's relay at AWS_ENDPOINT_URL_LAMBDA."""
+    create(lam, f"callee-ok-{sandbox}", artifacts["hello"])
+    create(lam, f"callee-no-{sandbox}", artifacts["hello"])
+    path = tmp_path / "caller.json"
+    path.write_text(json.dumps({"Statement": [{"Effect": "Allow", "Action": "lambda:InvokeFunction",
+                                               "Resource": f"{ARN}:function:callee-ok-{sandbox}"}]}))
+    role = kiln(server, "roles", "create", f"caller-{sandbox}", "--policy", str(path))["Role"]
+    caller = f"caller-{sandbox}"
+    if sandbox == "wasm":
+        create(lam, caller, artifacts["misbehave"], Role=role["Arn"])
+    else:
+        create(lam, caller, artifacts["native-misbehave"], Role=role["Arn"],
+               Runtime="provided.al2023", Handler="bootstrap")
+
+    def call(function, **extra):
+        event = {"action": "invoke", "arg": {"function": function, "payload": {"name": "caller"}, **extra}}
+        r = lam.invoke(FunctionName=caller, Payload=json.dumps(event).encode())
+        assert "FunctionError" not in r, r
+        return json.loads(r["Payload"].read())
+
+    env = json.loads(lam.invoke(FunctionName=caller, Payload=b'{"action": "env"}')["Payload"].read())
+    expected = server.endpoint if sandbox == "wasm" else "http://127.0.0.1:9002"
+    assert env["AWS_ENDPOINT_URL_LAMBDA"] == expected
+
+    allowed = call(f"callee-ok-{sandbox}")
+    assert allowed["status"] == 200 and allowed["function_error"] is None, allowed
+    answer = json.loads(allowed["payload"])
+    assert (answer["greeting"], answer["function"]) == ("Hello, caller!", f"callee-ok-{sandbox}")
+
+    denied = call(f"callee-no-{sandbox}")
+    assert (denied["status"], denied["error_type"]) == (403, "AccessDeniedException"), denied
+    assert f"assumed-role/caller-{sandbox}/" in denied["message"]
+
+    if sandbox == "wasm":
+        # wasi:http reaches kiln and nothing else: a listener the guest
+        # names is never connected to.
+        import socket
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen(1)
+            other.settimeout(0.2)
+            port = other.getsockname()[1]
+            refused = call(f"callee-ok-{sandbox}", endpoint=f"http://127.0.0.1:{port}")
+            assert "HttpRequestDenied" in refused["error"], refused
+            with pytest.raises(TimeoutError):
+                other.accept()
+
+    kiln(server, "roles", "revoke-sessions", f"caller-{sandbox}")
+    revoked = call(f"callee-ok-{sandbox}")
+    assert (revoked["status"], revoked["error_type"]) == (403, "UnrecognizedClientException"), revoked
 
 
 def test_no_body_is_read_for_an_unknown_key(server):

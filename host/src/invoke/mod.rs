@@ -570,6 +570,13 @@ impl DataPlane {
         let record = &slot.record;
         let mut variables = lambda_environment(record, &self.arn, dir.id(), init_type);
         variables.extend(self.role_credentials(record, dir.id()));
+        if let Some(endpoint) = sandbox.kiln_endpoint()
+            && !variables
+                .iter()
+                .any(|(k, _)| k == "AWS_ENDPOINT_URL_LAMBDA")
+        {
+            variables.push(("AWS_ENDPOINT_URL_LAMBDA".to_owned(), endpoint));
+        }
         let spec = EnvironmentSpec {
             memory_mb: record.memory_size,
             env: variables,

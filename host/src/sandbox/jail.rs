@@ -162,6 +162,8 @@ pub struct JailSandbox {
     spawner: Spawner,
     next_uid: AtomicU32,
     cgroup_group: String,
+    /// kiln's API socket, mounted into each jail (see `sandbox::relay`).
+    api_socket: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for JailSandbox {
@@ -197,7 +199,14 @@ impl JailSandbox {
             wasm,
             spawner: Spawner::start()?,
             next_uid: AtomicU32::new(0),
+            api_socket: None,
         })
+    }
+
+    /// Lets functions in jails reach kiln's API through `socket`.
+    pub fn with_api_socket(mut self, socket: PathBuf) -> Self {
+        self.api_socket = Some(socket);
+        self
     }
 
     /// Builds a throwaway jail around a function with no bootstrap: success
@@ -234,6 +243,12 @@ impl JailSandbox {
 impl Sandbox for JailSandbox {
     fn kind(&self) -> SandboxKind {
         SandboxKind::Jail
+    }
+
+    fn kiln_endpoint(&self) -> Option<String> {
+        self.api_socket
+            .as_ref()
+            .map(|_| format!("http://{}", kiln_proto::API_RELAY))
     }
 
     async fn prepare(&self, code: &CodeSpec) -> Result<PreparedCode, SandboxError> {
@@ -313,6 +328,7 @@ impl Sandbox for JailSandbox {
                 gid: uid,
                 cgroup_procs: cgroup.procs_files(),
                 nofile: 1024,
+                api_socket: self.api_socket.as_ref().map(|p| p.display().to_string()),
             }),
             log_capacity: spec.log_capacity.min(kiln_proto::MAX_LOG - 4096) as u32,
             tmp_mb: spec.ephemeral_mb,

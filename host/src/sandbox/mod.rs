@@ -14,6 +14,7 @@
 pub mod cgroup;
 pub mod jail;
 pub mod microvm;
+pub mod relay;
 pub mod wasm;
 
 use std::any::Any;
@@ -192,6 +193,12 @@ pub trait Sandbox: Send + Sync + 'static {
     /// Validates and prepares code (compiles a component, ...). Errors of
     /// the code itself are [`SandboxError::InvalidCode`].
     async fn prepare(&self, code: &CodeSpec) -> Result<PreparedCode, SandboxError>;
+
+    /// kiln's API as code in this sandbox reaches it (the value of
+    /// `AWS_ENDPOINT_URL_LAMBDA`), when it can.
+    fn kiln_endpoint(&self) -> Option<String> {
+        None
+    }
 
     /// Creates a fresh environment for prepared code.
     async fn create(

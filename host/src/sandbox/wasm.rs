@@ -2,6 +2,7 @@
 //! through `kiln-wasm` (pooling allocator, memory limit, epoch deadlines,
 //! capability-only WASI).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +22,16 @@ use crate::store::artifacts::safe_relative;
 #[derive(Debug, Clone)]
 pub struct WasmSandbox {
     runtime: Arc<Runtime>,
+    /// kiln's API on loopback: the one place a guest's `wasi:http`
+    /// requests may go.
+    endpoint: Option<SocketAddr>,
 }
 
 impl WasmSandbox {
-    /// A sandbox over the process's Wasm runtime.
-    pub fn new(runtime: Arc<Runtime>) -> Self {
-        Self { runtime }
+    /// A sandbox over the process's Wasm runtime whose guests may call
+    /// kiln's API at `endpoint`.
+    pub fn new(runtime: Arc<Runtime>, endpoint: Option<SocketAddr>) -> Self {
+        Self { runtime, endpoint }
     }
 }
 
@@ -37,7 +42,9 @@ pub(crate) async fn prepare_for_guest(
     runtime: &Arc<Runtime>,
     code: &CodeSpec,
 ) -> Result<String, SandboxError> {
-    WasmSandbox::new(runtime.clone()).prepare(code).await?;
+    WasmSandbox::new(runtime.clone(), None)
+        .prepare(code)
+        .await?;
     let rel = safe_relative(&code.handler)
         .ok_or_else(|| SandboxError::InvalidCode("invalid Handler path".into()))?;
     Ok(std::path::Path::new("/var/task")
@@ -50,6 +57,10 @@ pub(crate) async fn prepare_for_guest(
 impl Sandbox for WasmSandbox {
     fn kind(&self) -> SandboxKind {
         SandboxKind::Wasm
+    }
+
+    fn kiln_endpoint(&self) -> Option<String> {
+        self.endpoint.map(|a| format!("http://{a}"))
     }
 
     async fn prepare(&self, code: &CodeSpec) -> Result<PreparedCode, SandboxError> {
@@ -109,6 +120,7 @@ impl Sandbox for WasmSandbox {
             opt_dir: spec.opt_dir,
             tmp_dir: spec.tmp_dir,
             log_capacity: spec.log_capacity,
+            kiln_endpoint: self.endpoint,
         };
         match Environment::create(&self.runtime, code, config).await {
             Ok(env) => Ok(Box::new(WasmEnvironment { env })),

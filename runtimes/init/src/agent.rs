@@ -37,7 +37,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (mut function, init_message) = init(&config).await;
+    let relay = crate::relay::start().await;
+    let (mut function, init_message) = init(&config, relay).await;
     write_message(&mut writer, &init_message).await?;
     loop {
         let message = match read_message::<HostMessage>(&mut reader).await {
@@ -93,12 +94,12 @@ fn init_failed(
     }
 }
 
-async fn init(config: &Config) -> (Function, AgentMessage) {
+async fn init(config: &Config, relay: Option<std::net::SocketAddr>) -> (Function, AgentMessage) {
     match &config.mode {
         Mode::Wasm {
             component,
             precompiled,
-        } => match crate::wasm::load(config, component, precompiled.as_deref()).await {
+        } => match crate::wasm::load(config, component, precompiled.as_deref(), relay).await {
             Err((t, m)) => (
                 Function::Dead {
                     error_type: t.clone(),

@@ -246,6 +246,16 @@ fn build_root(spec: &JailSpec) -> Result<(), JailError> {
         step("precompiled file", fs::write(&target, b""))?;
         step("precompiled", bind_read_only(Path::new(compiled), &target))?;
     }
+    if let Some(socket) = &spec.api_socket {
+        // The way back to kiln's API; what it allows is up to the caller's
+        // credentials, checked on the host.
+        let target = root.join(kiln_proto::API_SOCKET.trim_start_matches('/'));
+        if let Some(dir) = target.parent() {
+            step("/run/kiln", fs::create_dir_all(dir))?;
+        }
+        step("api socket", fs::write(&target, b""))?;
+        step("api socket", bind_read_only(Path::new(socket), &target))?;
+    }
     step(
         "/tmp",
         mount(

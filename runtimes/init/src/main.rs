@@ -6,12 +6,13 @@
 //! jail when the configuration asks for one, then serves the function (see
 //! `agent`). Steps, in order: `main` (channel, hello, configure) -> `jail`
 //! -> `seccomp` -> `agent` (init, invocations) with `runtime_api`,
-//! `bootstrap`, `logs` and `wasm`.
+//! `bootstrap`, `logs`, `wasm` and `relay` (the way back to kiln's API).
 
 mod agent;
 mod bootstrap;
 mod jail;
 mod logs;
+mod relay;
 mod runtime_api;
 mod seccomp;
 mod vm;

@@ -19,6 +19,7 @@ pub async fn load(
     config: &Config,
     component: &str,
     precompiled: Option<&str>,
+    kiln_endpoint: Option<std::net::SocketAddr>,
 ) -> Result<WasmFunction, (String, String)> {
     let fail = |t: &str, m: String| (t.to_owned(), m);
     // The agent never writes compiled code; /var/runtime exists (read-only).
@@ -40,6 +41,7 @@ pub async fn load(
             opt_dir: Some("/opt".into()),
             tmp_dir: "/tmp".into(),
             log_capacity: config.log_capacity as usize,
+            kiln_endpoint,
         },
     )
     .await

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame body: a 6 MB payload plus headers and logs.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
@@ -193,7 +193,16 @@ pub struct JailSpec {
     pub cgroup_procs: Vec<String>,
     /// Most open files.
     pub nofile: u64,
+    /// Host path of the Unix socket that leads to kiln's API, shown at
+    /// [`API_SOCKET`] inside; the agent relays [`API_RELAY`] to it.
+    pub api_socket: Option<String>,
 }
+
+/// Where a jail sees kiln's API socket.
+pub const API_SOCKET: &str = "/run/kiln/api.sock";
+/// Where code in an environment reaches kiln's API over TCP, as its
+/// `AWS_ENDPOINT_URL_LAMBDA` says: the agent relays it to [`API_SOCKET`].
+pub const API_RELAY: &str = "127.0.0.1:9002";
 
 /// The environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -579,6 +588,7 @@ mod tests {
                 gid: 1000,
                 cgroup_procs: vec!["/sys/fs/cgroup/pids/kiln/x/cgroup.procs".into()],
                 nofile: 1024,
+                api_socket: Some("/data/run/api.sock".into()),
             }),
             log_capacity: 1 << 20,
             tmp_mb: 512,

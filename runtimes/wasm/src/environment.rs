@@ -34,6 +34,9 @@ pub struct EnvironmentConfig {
     pub tmp_dir: PathBuf,
     /// Most bytes of log one invocation may produce.
     pub log_capacity: usize,
+    /// kiln's API as the guest reaches it: the one destination its
+    /// `wasi:http` requests may have. `None` refuses them all.
+    pub kiln_endpoint: Option<std::net::SocketAddr>,
 }
 
 /// Why an environment could not be created.
@@ -234,6 +237,10 @@ impl Environment {
             log,
             current: None,
             fatal: None,
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            outgoing: crate::outgoing::OutgoingPolicy {
+                endpoint: config.kiln_endpoint,
+            },
         };
         let mut store = Store::new(runtime.engine(), state);
         store.limiter(|s| &mut s.limits);

@@ -28,6 +28,9 @@ pub(crate) struct HostState {
     pub(crate) current: Option<Current>,
     /// The guest's last word before a trap (`runtime.report-fatal`).
     pub(crate) fatal: Option<FunctionError>,
+    pub(crate) http: wasmtime_wasi_http::WasiHttpCtx,
+    /// Where `wasi:http` requests may go: kiln's API only.
+    pub(crate) outgoing: crate::outgoing::OutgoingPolicy,
 }
 
 pub(crate) struct Current {
@@ -40,6 +43,16 @@ impl WasiView for HostState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for HostState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outgoing,
         }
     }
 }

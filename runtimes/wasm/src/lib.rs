@@ -29,6 +29,7 @@ mod engine;
 mod environment;
 mod host;
 mod logs;
+mod outgoing;
 
 pub use engine::{CompileError, FunctionCode, Runtime, RuntimeConfig, check_component_header};
 pub use environment::{

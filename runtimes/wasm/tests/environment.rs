@@ -51,6 +51,7 @@ impl Fixture {
             opt_dir: None,
             tmp_dir: tmp,
             log_capacity: 64 * 1024,
+            kiln_endpoint: None,
         }
     }
 

@@ -5,6 +5,9 @@
 //! `panic` panics, `spin` never returns.
 
 use kiln_sdk::{Context, Error};
+
+mod call_kiln;
+use call_kiln::call_kiln;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -33,6 +36,7 @@ fn run(event: Request, ctx: &Context) -> Result<Value, Error> {
         "env" => Ok(json!(
             std::env::vars().collect::<std::collections::BTreeMap<_, _>>()
         )),
+        "invoke" => Ok(call_kiln(&event.arg)),
         "error" => Err(Error::new("Custom", "requested failure")),
         "panic" => panic!("boom: {}", event.arg),
         "spin" => {

@@ -121,6 +121,7 @@ fn main() {
             "env" => Ok(json!(
                 std::env::vars().collect::<std::collections::BTreeMap<_, _>>()
             )),
+            "invoke" => Ok(call_kiln(&arg)),
             "whoami" => {
                 let count: u64 = std::fs::read_to_string("/tmp/count")
                     .ok()
@@ -341,3 +342,7 @@ fn main() {
         }
     }
 }
+
+#[path = "../../misbehave/src/call_kiln.rs"]
+mod call_kiln;
+use call_kiln::call_kiln;
