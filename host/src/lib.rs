@@ -20,6 +20,7 @@ pub mod auth;
 pub mod control;
 pub mod doctor;
 pub mod invoke;
+pub mod metrics;
 pub mod package;
 pub mod sandbox;
 pub mod server;

@@ -312,20 +312,32 @@ pub(crate) async fn json_body<T: DeserializeOwned>(
     })
 }
 
-/// `GET /metrics`: Prometheus text. For now, which sandboxes this host can
-/// run and which one runs each kind of function, so that a fallback (no
-/// microVM here, say) is visible to monitoring.
+/// `GET /metrics`: OpenMetrics text. Per function and version: what the
+/// data plane counted (`crate::metrics`); per host: environments, memory,
+/// queue depth, and which sandboxes this host can run and which one runs
+/// each kind of function, so that a fallback (no microVM here, say) is
+/// visible to monitoring.
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
-    use prometheus_client::encoding::text::encode;
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
-    use prometheus_client::registry::Registry;
 
     let sandboxes = state.data.sandboxes();
-    let mut registry = Registry::default();
+    let snapshot = {
+        let data = state.data.clone();
+        tokio::task::spawn_blocking(move || data.metrics_snapshot())
+            .await
+            .ok()
+    };
+    let Some(snapshot) = snapshot else {
+        return Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(Body::from("reading the host's gauges failed"))
+            .unwrap_or_default();
+    };
+    let mut registry = crate::metrics::snapshot_registry(&snapshot);
     let available = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
     registry.register(
-        "kiln_sandbox_available",
+        "sandbox_available",
         "Whether this host can run the sandbox (probed at start)",
         available.clone(),
     );
@@ -336,7 +348,7 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
     }
     let selected = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
     registry.register(
-        "kiln_sandbox_selected",
+        "sandbox_selected",
         "The sandbox each kind of function runs in on this host",
         selected.clone(),
     );
@@ -354,13 +366,12 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
             ])
             .set(1);
     }
-    let mut body = String::new();
-    if encode(&mut body, &registry).is_err() {
+    let Ok(body) = state.data.metrics().encode(&registry) else {
         return Response::builder()
             .status(StatusCode::INTERNAL_SERVER_ERROR)
             .body(Body::from("encoding metrics failed"))
             .unwrap_or_default();
-    }
+    };
     let mut response = Response::new(Body::from(body));
     response.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,

@@ -158,6 +158,10 @@ async fn process(plane: &DataPlane, config: &AsyncConfig, event: Event) -> Compl
             }),
     );
     let age = |now: i64| now - event.enqueued_ms;
+    plane.metrics().async_attempt(
+        &event.function,
+        Duration::from_millis(u64::try_from(age(now_ms())).unwrap_or(0)),
+    );
     if age(now_ms()) > max_age_ms {
         // Never invoked this time: the attempt counter already moved.
         return failure(
@@ -376,6 +380,7 @@ fn failure(
 ) -> Completion {
     let r = record(plane, event, count, condition, response.as_ref());
     tracing::info!(function = %event.function, request_id = %event.request_id, condition, "event failed");
+    plane.metrics().async_dropped(&event.function, condition);
     match destination {
         Some(d) => deliver(plane, d, event, r, condition),
         None => builtin(event, r, condition),
@@ -423,6 +428,9 @@ fn deliver(
         },
         None => {
             tracing::warn!(%destination, request_id = %event.request_id, "destination unreachable; kept in the built-in queue");
+            plane
+                .metrics()
+                .destination_failure(&event.function, condition != "Success");
             r["kilnDeliveryError"] = format!("destination {destination} does not exist").into();
             builtin(event, r, condition)
         }

@@ -148,6 +148,7 @@ pub struct DataPlane {
     event_configs: RwLock<HashMap<(String, String), EventInvokeRecord>>,
     /// Issues each environment its execution role's credentials.
     credentials: std::sync::OnceLock<Arc<crate::auth::keys::Credentials>>,
+    metrics: crate::metrics::Metrics,
     me: Weak<DataPlane>,
 }
 
@@ -182,6 +183,7 @@ impl DataPlane {
             queue,
             event_configs: RwLock::new(HashMap::new()),
             credentials: std::sync::OnceLock::new(),
+            metrics: crate::metrics::Metrics::new(),
             me: me.clone(),
         })
     }
@@ -286,6 +288,7 @@ impl DataPlane {
         let request_id = input
             .request_id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        self.metrics.async_received(&input.name);
         self.queue
             .enqueue(NewEvent {
                 request_id: request_id.clone(),
@@ -447,8 +450,61 @@ impl DataPlane {
         self.read_functions().get(name)?.version_of(qualifier)
     }
 
+    /// What the data plane has counted.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The gauges of `/metrics`, read now.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let mut environments: HashMap<(&'static str, &'static str), u64> = HashMap::new();
+        let mut concurrency = Vec::new();
+        let mut names = std::collections::BTreeSet::new();
+        for slot in self.slots() {
+            let kind = self
+                .sandboxes
+                .for_runtime(&slot.record.runtime)
+                .map_or("none", |s| s.kind().as_str());
+            *environments.entry((kind, "idle")).or_default() += slot.idle.len() as u64;
+            *environments.entry((kind, "provisioned")).or_default() +=
+                slot.provisioned.len() as u64;
+            names.insert(slot.record.name.clone());
+        }
+        let alive = (self.config.max_environments - self.capacity.available_permits()) as u64;
+        let warm: u64 = environments.values().sum();
+        let kinds: Vec<&'static str> = environments.keys().map(|(k, _)| *k).collect();
+        // Busy environments are not filed by function; count them under the
+        // sandbox of the only kind in use, else as `mixed`.
+        let busy_kind = match kinds.first() {
+            Some(first) if kinds.iter().all(|k| k == first) => *first,
+            _ => "mixed",
+        };
+        environments.insert((busy_kind, "busy"), alive.saturating_sub(warm));
+        for name in names {
+            let n = self.governor.in_flight(&name);
+            concurrency.push((name, n));
+        }
+        crate::metrics::Snapshot {
+            environments: environments
+                .into_iter()
+                .map(|((sandbox, state), n)| (sandbox, state, n))
+                .collect(),
+            concurrency,
+            queue_depth: self.queue.depth().unwrap_or(0),
+        }
+    }
+
     /// Runs one synchronous invocation.
     pub async fn invoke(&self, input: InvokeInput) -> Result<InvokeOutput, InvokeError> {
+        let function = input.name.clone();
+        let result = self.run_invocation(input).await;
+        if let Err(InvokeError::Throttled { .. }) = &result {
+            self.metrics.throttle(&function);
+        }
+        result
+    }
+
+    async fn run_invocation(&self, input: InvokeInput) -> Result<InvokeOutput, InvokeError> {
         let slot = self.resolve(&input.name, input.qualifier.as_deref())?;
         // Admission first: a throttled call does no work and holds nothing.
         let _admitted = self
@@ -481,6 +537,16 @@ impl DataPlane {
                     (Some(env), None) => (env, Some(init.duration)),
                     (_, error) => {
                         log.finish(&request_id, &record, Duration::ZERO, 0, None);
+                        self.metrics.invocation(crate::metrics::InvocationMetrics {
+                            function: &record.name,
+                            version: &record.version,
+                            duration: Duration::ZERO,
+                            memory_mb: record.memory_size,
+                            init: Some(init.duration),
+                            error: true,
+                            provisioned: false,
+                            spilled: self.has_provisioned(&record.name, &record.version),
+                        });
                         let error = error.unwrap_or(Outcome::Failed {
                             error_type: "Runtime.Unknown".to_owned(),
                             message: "the environment failed to start".to_owned(),
@@ -501,6 +567,17 @@ impl DataPlane {
             timeout: Duration::from_secs(u64::from(record.timeout)),
         };
         let report = env.invoke(&request).await;
+        let provisioned = env.is_provisioned();
+        self.metrics.invocation(crate::metrics::InvocationMetrics {
+            function: &record.name,
+            version: &record.version,
+            duration: report.duration,
+            memory_mb: record.memory_size,
+            init: init_duration,
+            error: !matches!(&report.outcome, Outcome::Response(p) if p.len() <= MAX_SYNC_PAYLOAD),
+            provisioned,
+            spilled: !provisioned && self.has_provisioned(&record.name, &record.version),
+        });
         log.raw(&report.logs);
         log.finish(
             &request_id,

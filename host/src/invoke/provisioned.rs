@@ -92,6 +92,14 @@ impl DataPlane {
         );
     }
 
+    /// Whether some qualifier of `function` keeps provisioned environments
+    /// of `version`.
+    pub(super) fn has_provisioned(&self, function: &str, version: &str) -> bool {
+        self.provisioned_lock()
+            .iter()
+            .any(|((f, _), m)| f == function && m.version == version)
+    }
+
     /// The state of a provisioned concurrency config, if it exists.
     pub fn provisioned_status(&self, function: &str, qualifier: &str) -> Option<ProvisionedStatus> {
         let map = self.provisioned_lock();
