@@ -99,6 +99,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         root_credentials,
         max_clock_skew: std::time::Duration::from_secs(args.max_clock_skew),
         audit_digest_interval: std::time::Duration::from_secs(args.audit_digest_interval.max(1)),
+        log_retention: kiln::invoke::logstore::Retention {
+            max_age: std::time::Duration::from_secs(args.log_retention_days.saturating_mul(86_400)),
+            max_bytes_per_function: args.log_retention_mb.saturating_mul(1 << 20),
+        },
         ..ServerConfig::new()
     };
     let server = Server::start(config)

@@ -71,6 +71,8 @@ pub struct ServerConfig {
     pub max_clock_skew: Duration,
     /// How often the audit trail's new records get a signed digest.
     pub audit_digest_interval: Duration,
+    /// How long and how much function log is kept.
+    pub log_retention: crate::invoke::logstore::Retention,
     /// The microVM guest kernel (`vmlinux`); without one, no microVMs.
     pub guest_kernel: Option<PathBuf>,
 }
@@ -94,6 +96,7 @@ impl ServerConfig {
             root_credentials: None,
             max_clock_skew: Duration::from_secs(300),
             audit_digest_interval: Duration::from_secs(300),
+            log_retention: Default::default(),
             guest_kernel: None,
         }
     }
@@ -256,6 +259,10 @@ impl Server {
             },
         );
         data.start_reaper();
+        data.set_log_store(
+            crate::invoke::logstore::LogStore::open(dir.join("logs"), config.log_retention)
+                .map_err(data_dir_error(dir))?,
+        );
         let control_meta = meta.clone();
         let control = Arc::new(ControlPlane::new(
             meta,

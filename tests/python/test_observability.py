@@ -5,13 +5,15 @@ trace id sent in X-Amzn-Trace-Id arriving in the function."""
 import base64
 import json
 import math
+import os
 import re
+import subprocess
 import urllib.request
 
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import create
+from conftest import ROOT_ENV, create, kiln_bin
 
 REPORT = re.compile(
     r"REPORT RequestId: (?P<id>[0-9a-f-]{36})\tDuration: (?P<ms>\d+\.\d{2}) ms\t"
@@ -152,3 +154,54 @@ def test_a_trace_id_reaches_the_function(lam, artifacts, runtime):
     # Without one, the function still gets a well-formed new one.
     r = lam.invoke(FunctionName=name, Payload=b'{"action": "context"}')
     assert re.fullmatch(r"Root=1-[0-9a-f]{8}-[0-9a-f]{24}(;.*)?", json.loads(r["Payload"].read())["trace_id"])
+
+
+def kiln_logs(server, *args, output="json"):
+    out = subprocess.run([kiln_bin(), "logs", *args, "--endpoint", server.endpoint, "--output", output],
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, **ROOT_ENV))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_kiln_logs_reads_streams_filters_and_follows(server, lam, artifacts):
+    create(lam, "logged", artifacts["misbehave"])
+    ids = [lam.invoke(FunctionName="logged", Payload=b'{"action": "print", "arg": 1}')["ResponseMetadata"]["RequestId"]
+           for _ in range(2)]
+    events = [json.loads(line) for line in kiln_logs(server, "logged").splitlines()]
+    messages = [e["message"] for e in events]
+    for request_id in ids:
+        start = messages.index(f"START RequestId: {request_id} Version: $LATEST")
+        end = messages.index(f"END RequestId: {request_id}")
+        assert start < messages.index("done printing", start) < end
+        assert REPORT.match(messages[end + 1])
+    # One warm environment served both: one stream, named as Lambda names it.
+    streams = {e["logStreamName"] for e in events}
+    assert len(streams) == 1
+    assert re.fullmatch(r"\d{4}/\d{2}/\d{2}/\[\$LATEST\][0-9a-f]+", streams.pop())
+    assert all(e["timestamp"] > 0 for e in events)
+
+    reports = kiln_logs(server, "logged", "--filter", "REPORT", "--since", "10m").splitlines()
+    assert [json.loads(r)["message"].split("\t")[0] for r in reports] == [f"REPORT RequestId: {i}" for i in ids]
+    text = kiln_logs(server, "logged", "--filter", "END RequestId", output="text").splitlines()
+    assert len(text) == 2 and text[0].endswith(f"END RequestId: {ids[0]}")
+
+    # --follow prints what comes next.
+    follow = subprocess.Popen([kiln_bin(), "logs", "logged", "--follow", "--filter", "REPORT", "--endpoint",
+                               server.endpoint, "--output", "json"],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, **ROOT_ENV))
+    try:
+        for expected in ids:  # the history first
+            assert json.loads(follow.stdout.readline())["message"].startswith(f"REPORT RequestId: {expected}")
+        new = lam.invoke(FunctionName="logged", Payload=b'{"action": "echo", "arg": 1}')["ResponseMetadata"]["RequestId"]
+        line = follow.stdout.readline()  # bounded by the test's own timeout if it never comes
+        assert json.loads(line)["message"].startswith(f"REPORT RequestId: {new}")
+    finally:
+        follow.kill()
+        follow.wait(timeout=10)
+
+
+def test_kiln_logs_of_an_unknown_function_says_so(server):
+    out = subprocess.run([kiln_bin(), "logs", "no-such-function", "--endpoint", server.endpoint],
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, **ROOT_ENV))
+    assert out.returncode != 0
+    assert "ResourceNotFoundException" in out.stderr and "no-such-function" in out.stderr

@@ -239,6 +239,53 @@ pub(super) async fn delete_alias(
 
 /// `GET /kiln/functions/{name}/config-history`: every configuration state
 /// of the function and its versions, oldest first.
+/// `GET /kiln/functions/{name}/logs?since=MS&filter=TEXT&limit=N`: the
+/// function's log events, oldest first (the latest `limit`, 1,000 at most).
+pub(super) async fn function_logs(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(params): Query<std::collections::HashMap<String, String>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    let since_ms = match params.get("since") {
+        Some(v) => Some(v.parse::<i64>().map_err(|_| {
+            ApiError::invalid_parameter(format!(
+                "since must be milliseconds since the Unix epoch, not {v:?}"
+            ))
+        })?),
+        None => None,
+    };
+    let limit = match params.get("limit") {
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_parameter(format!("limit must be 1 to 10000, not {v:?}"))
+            })?,
+        None => 1000,
+    };
+    let query = crate::invoke::logstore::LogQuery {
+        since_ms,
+        filter: params.get("filter").filter(|f| !f.is_empty()).cloned(),
+        limit,
+    };
+    let Some(store) = s.data.logs().cloned() else {
+        return Err(ApiError::internal(
+            "function logs are not kept by this server",
+        ));
+    };
+    let events = store
+        .read(&r.name, query)
+        .await
+        .map_err(|e| ApiError::internal(format!("reading logs: {e}")))?;
+    // A deleted function's logs stay readable; a name never seen is an error.
+    if events.is_empty() {
+        s.control.get_function(&r).await?;
+    }
+    Ok(Json(json!({ "FunctionName": r.name, "Events": events })))
+}
+
 pub(super) async fn config_history(
     State(s): State<AppState>,
     Path(name): Path<String>,

@@ -156,6 +156,7 @@ pub fn router(state: AppState) -> Router {
             "/kiln/functions/{name}/code.zip",
             get(functions::download_code),
         )
+        .route("/kiln/functions/{name}/logs", get(functions::function_logs))
         .route(
             "/kiln/functions/{name}/config-history",
             get(functions::config_history),

@@ -102,6 +102,7 @@ pub fn operation(
                 ("GET", "/event-invoke-config/list", _) => ("ListFunctionEventInvokeConfigs", unq),
                 ("GET", "/code.zip", _) => ("GetFunction", f),
                 ("GET", "/config-history", _) => ("GetConfigurationHistory", unq),
+                ("GET", "/logs", _) => ("GetFunctionLogs", unq),
                 _ => return None,
             }
         }

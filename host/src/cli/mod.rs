@@ -106,6 +106,33 @@ pub enum Command {
     /// The audit trail of control-plane calls (read from the data dir).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// A function's logs: START, its output, END and REPORT of every
+    /// invocation, from every environment's log stream, oldest first.
+    #[command(
+        after_help = "Examples:\n  kiln logs hello\n  kiln logs hello --since 10m --filter REPORT\n  \
+                            kiln logs hello --follow\n  kiln logs hello --output json   # one event per line"
+    )]
+    Logs(LogsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LogsArgs {
+    /// The function.
+    pub function: String,
+    /// Keep printing new events as they arrive (until interrupted).
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only events this recent: `30s`, `10m`, `2h`, `7d`.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only events whose message contains this text.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Most events printed at first (the latest ones).
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
 }
 
 #[derive(Debug, Subcommand)]
@@ -321,6 +348,12 @@ pub struct ServeArgs {
     /// written at shutdown).
     #[arg(long, default_value_t = 300)]
     pub audit_digest_interval: u64,
+    /// Days function logs are kept (streams not written for longer go).
+    #[arg(long, default_value_t = 7)]
+    pub log_retention_days: u64,
+    /// MiB of logs kept per function; its oldest streams go first.
+    #[arg(long, default_value_t = 64)]
+    pub log_retention_mb: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -406,6 +439,7 @@ pub async fn run_client(command: Command) -> Result<i32> {
         Command::Keys(command) => keys(command).await,
         Command::Roles(command) => roles(command).await,
         Command::Audit(command) => audit(command),
+        Command::Logs(args) => logs(args).await,
         Command::ConfigHistory { function, endpoint } => {
             let path = format!("/kiln/functions/{}/config-history", path_segment(&function));
             admin(&endpoint, reqwest::Method::GET, &path, None, |v| {
@@ -528,6 +562,96 @@ fn audit(command: AuditCommand) -> Result<i32> {
 
 /// Sends one admin request and prints its answer (`text`: the lines
 /// `render` makes of it).
+/// `30s`, `10m`, `2h`, `7d` as a duration.
+fn parse_since(text: &str) -> Result<std::time::Duration> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("--since {text:?}: expected a number and a unit, as in 10m"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" | "" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => anyhow::bail!("--since {text:?}: unknown unit {other:?} (use s, m, h or d)"),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(seconds)))
+}
+
+async fn logs(args: LogsArgs) -> Result<i32> {
+    let client = Client::new(&args.endpoint)?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut since = match &args.since {
+        Some(s) => Some(now_ms - parse_since(s)?.as_millis() as i64),
+        None => None,
+    };
+    // Events at `since` already printed: the next poll returns them again.
+    let mut printed_at_since = 0usize;
+    let mut limit = args.limit.clamp(1, 10_000);
+    loop {
+        let mut query = vec![format!("limit={limit}")];
+        if let Some(s) = since {
+            query.push(format!("since={s}"));
+        }
+        if let Some(f) = &args.filter {
+            query.push(format!("filter={}", path_segment(f)));
+        }
+        let path = format!(
+            "/kiln/functions/{}/logs?{}",
+            path_segment(&args.function),
+            query.join("&")
+        );
+        let response = client
+            .send(reqwest::Method::GET, &path, &[], Vec::new())
+            .await?
+            .into_success()?;
+        let body = response.json()?;
+        let events = body["Events"].as_array().cloned().unwrap_or_default();
+        let mut skip = printed_at_since;
+        for event in &events {
+            let at = event["timestamp"].as_i64().unwrap_or(0);
+            if Some(at) == since && skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            if Some(at) == since {
+                printed_at_since += 1;
+            } else {
+                since = Some(at);
+                printed_at_since = 1;
+            }
+            match args.endpoint.output {
+                Output::Json => println!("{}", serde_json::to_string(event)?),
+                Output::Text => println!(
+                    "{} {} {}",
+                    format_ms(at),
+                    event["logStreamName"].as_str().unwrap_or(""),
+                    event["message"].as_str().unwrap_or("")
+                ),
+            }
+        }
+        if !args.follow {
+            return Ok(0);
+        }
+        // Following: everything new, a poll a second.
+        limit = 10_000;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC.
+fn format_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(kiln::control::model::RFC3339_MILLIS).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
 async fn admin(
     endpoint: &Endpoint,
     method: reqwest::Method,

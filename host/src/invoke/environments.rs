@@ -131,6 +131,8 @@ pub struct Environment {
     _permit: OwnedSemaphorePermit,
     lease: Option<ProvisionedLease>,
     created: Instant,
+    /// Its log stream's name.
+    stream: String,
 }
 
 impl Environment {
@@ -139,6 +141,7 @@ impl Environment {
         dir: EnvironmentDir,
         permit: OwnedSemaphorePermit,
         lease: Option<ProvisionedLease>,
+        stream: String,
     ) -> Self {
         Self {
             env,
@@ -146,7 +149,13 @@ impl Environment {
             _permit: permit,
             lease,
             created: Instant::now(),
+            stream,
         }
+    }
+
+    /// The name of the log stream its invocations write to.
+    pub(super) fn log_stream(&self) -> &str {
+        &self.stream
     }
 
     /// Whether the environment has lived longer than `max_lifetime` and

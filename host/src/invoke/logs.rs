@@ -83,6 +83,11 @@ impl LogBuilder {
         }
     }
 
+    /// The whole log so far.
+    pub(super) fn text(&self) -> &[u8] {
+        &self.text
+    }
+
     /// Base64 of the last 4 KB, if asked for.
     pub(super) fn tail(&self) -> Option<String> {
         self.keep.then(|| {

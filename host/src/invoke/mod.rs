@@ -15,6 +15,7 @@ mod concurrency;
 mod environments;
 mod events;
 mod logs;
+pub mod logstore;
 mod provisioned;
 mod registry;
 
@@ -149,6 +150,7 @@ pub struct DataPlane {
     /// Issues each environment its execution role's credentials.
     credentials: std::sync::OnceLock<Arc<crate::auth::keys::Credentials>>,
     metrics: crate::metrics::Metrics,
+    logs: std::sync::OnceLock<logstore::LogStore>,
     me: Weak<DataPlane>,
 }
 
@@ -184,6 +186,7 @@ impl DataPlane {
             event_configs: RwLock::new(HashMap::new()),
             credentials: std::sync::OnceLock::new(),
             metrics: crate::metrics::Metrics::new(),
+            logs: std::sync::OnceLock::new(),
             me: me.clone(),
         })
     }
@@ -450,6 +453,22 @@ impl DataPlane {
         self.read_functions().get(name)?.version_of(qualifier)
     }
 
+    /// Keeps function logs in `store` from now on.
+    pub fn set_log_store(&self, store: logstore::LogStore) {
+        let _ = self.logs.set(store);
+    }
+
+    /// The function log store, once set.
+    pub fn logs(&self) -> Option<&logstore::LogStore> {
+        self.logs.get()
+    }
+
+    async fn store_log(&self, function: &str, stream: &str, log: &LogBuilder) {
+        if let Some(store) = self.logs.get() {
+            store.append(function, stream, log.text()).await;
+        }
+    }
+
     /// What the data plane has counted.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
@@ -529,7 +548,7 @@ impl DataPlane {
         let (mut env, init_duration) = match self.take_warm(&slot) {
             Some(env) => (env, None),
             None => {
-                let (env, init) = self
+                let (env, init, stream) = self
                     .create_environment(&slot, InitType::OnDemand, None)
                     .await?;
                 log.raw(&init.logs);
@@ -537,6 +556,7 @@ impl DataPlane {
                     (Some(env), None) => (env, Some(init.duration)),
                     (_, error) => {
                         log.finish(&request_id, &record, Duration::ZERO, 0, None);
+                        self.store_log(&record.name, &stream, &log).await;
                         self.metrics.invocation(crate::metrics::InvocationMetrics {
                             function: &record.name,
                             version: &record.version,
@@ -586,6 +606,7 @@ impl DataPlane {
             report.max_memory_bytes,
             init_duration,
         );
+        self.store_log(&record.name, env.log_stream(), &log).await;
 
         if env.is_reusable() && !slot.is_retired() && !env.is_expired(self.config.env_lease) {
             if env.is_provisioned() {
@@ -625,7 +646,7 @@ impl DataPlane {
         slot: &Arc<FunctionSlot>,
         init_type: InitType,
         lease: Option<ProvisionedLease>,
-    ) -> Result<(Option<Environment>, InitReport), InvokeError> {
+    ) -> Result<(Option<Environment>, InitReport, String), InvokeError> {
         let sandbox = self
             .sandboxes
             .for_runtime(&slot.record.runtime)
@@ -645,7 +666,8 @@ impl DataPlane {
             InvokeError::Internal(format!("creating the environment's directory: {e}"))
         })?;
         let record = &slot.record;
-        let mut variables = lambda_environment(record, &self.arn, dir.id(), init_type);
+        let stream = log_stream_name(record, dir.id());
+        let mut variables = lambda_environment(record, &self.arn, &stream, init_type);
         variables.extend(self.role_credentials(record, dir.id()));
         if let Some(endpoint) = sandbox.kiln_endpoint()
             && !variables
@@ -672,9 +694,13 @@ impl DataPlane {
         })?;
         let init = env.init(INIT_TIMEOUT).await;
         if init.error.is_some() {
-            return Ok((None, init));
+            return Ok((None, init, stream));
         }
-        Ok((Some(Environment::new(env, dir, permit, lease)), init))
+        Ok((
+            Some(Environment::new(env, dir, permit, lease, stream.clone())),
+            init,
+            stream,
+        ))
     }
 
     /// A slot for one more environment: free capacity, else the capacity of
@@ -774,20 +800,24 @@ impl DataPlane {
 }
 
 /// The environment variables Lambda sets, then the function's own.
-fn lambda_environment(
-    record: &FunctionRecord,
-    arn: &ArnContext,
-    env_id: &str,
-    init_type: InitType,
-) -> Vec<(String, String)> {
+/// The log stream of a new environment, as Lambda names it.
+fn log_stream_name(record: &FunctionRecord, env_id: &str) -> String {
     let date = time::OffsetDateTime::now_utc().date();
-    let stream = format!(
+    format!(
         "{:04}/{:02}/{:02}/[{}]{env_id}",
         date.year(),
         u8::from(date.month()),
         date.day(),
         record.version,
-    );
+    )
+}
+
+fn lambda_environment(
+    record: &FunctionRecord,
+    arn: &ArnContext,
+    stream: &str,
+    init_type: InitType,
+) -> Vec<(String, String)> {
     let mut env = vec![
         ("AWS_LAMBDA_FUNCTION_NAME".to_owned(), record.name.clone()),
         (
@@ -802,7 +832,7 @@ fn lambda_environment(
             "AWS_LAMBDA_LOG_GROUP_NAME".to_owned(),
             format!("/aws/lambda/{}", record.name),
         ),
-        ("AWS_LAMBDA_LOG_STREAM_NAME".to_owned(), stream),
+        ("AWS_LAMBDA_LOG_STREAM_NAME".to_owned(), stream.to_owned()),
         (
             "AWS_LAMBDA_INITIALIZATION_TYPE".to_owned(),
             init_type.as_str().to_owned(),

@@ -166,7 +166,7 @@ async fn maintain(
             .create_environment(&slot, InitType::Provisioned, Some(lease))
             .await;
         let problem = match created {
-            Ok((Some(env), _)) => {
+            Ok((Some(env), _, _)) => {
                 if slot.is_retired() {
                     // Replaced while initializing: the next round builds on
                     // the new slot.
@@ -178,7 +178,7 @@ async fn maintain(
                 *failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 None
             }
-            Ok((None, init)) => Some(format!(
+            Ok((None, init, _)) => Some(format!(
                 "an environment failed to initialize: {:?}",
                 init.error
             )),

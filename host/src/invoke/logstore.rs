@@ -1,0 +1,366 @@
+//! Function logs at rest: one file per log stream (one stream per execution
+//! environment, named as `AWS_LAMBDA_LOG_STREAM_NAME` says) under
+//! `<data>/logs/<function>/`, each line a JSON event with its time. A writer
+//! task appends (invocations only queue their lines), and enforces
+//! retention: streams older than the age limit go, and a function's oldest
+//! streams go while it holds more than its byte limit.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// How long and how much is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Streams not written for this long are removed.
+    pub max_age: Duration,
+    /// Most bytes kept per function; the oldest streams go first.
+    pub max_bytes_per_function: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes_per_function: 64 << 20,
+        }
+    }
+}
+
+/// One log line as stored and as read back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogEvent {
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub log_stream_name: String,
+    pub message: String,
+}
+
+/// What a reader asks for.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    /// Events at or after this time (ms since the epoch).
+    pub since_ms: Option<i64>,
+    /// Only events whose message contains this text.
+    pub filter: Option<String>,
+    /// Most events returned: the latest ones.
+    pub limit: usize,
+}
+
+struct Batch {
+    function: String,
+    stream: String,
+    events: Vec<LogEvent>,
+}
+
+enum Message {
+    Append(Batch),
+    /// Answered once everything queued before it is written: a reader
+    /// sees every invocation that finished before it asked.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The store: a queue to the writer task, and the directory readers read.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    dir: PathBuf,
+    tx: mpsc::Sender<Message>,
+}
+
+/// Batches queued before an invocation waits for the writer.
+const QUEUE: usize = 1024;
+
+/// A stream name as a file name: `/` cannot be in one.
+fn file_name(stream: &str) -> String {
+    let mut name: String = stream
+        .chars()
+        .map(|c| if c == '/' || c == '\0' { '-' } else { c })
+        .collect();
+    name.push_str(".log");
+    name
+}
+
+fn stream_name(file: &str) -> Option<String> {
+    let base = file.strip_suffix(".log")?;
+    // `2024-05-01-[$LATEST]id` back to `2024/05/01/[$LATEST]id`.
+    let mut parts = base.splitn(4, '-');
+    let (y, m, d, rest) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    Some(format!("{y}/{m}/{d}/{rest}"))
+}
+
+impl LogStore {
+    /// Opens `dir` and starts the writer, which also applies `retention`.
+    /// Must be called within the server's runtime.
+    pub fn open(dir: PathBuf, retention: Retention) -> io::Result<Self> {
+        fs::create_dir_all(&dir)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let writer_dir = dir.clone();
+        std::thread::Builder::new()
+            .name("kiln-logs".into())
+            .spawn(move || write_loop(&writer_dir, rx, retention))?;
+        Ok(Self { dir, tx })
+    }
+
+    /// Queues one invocation's log text for `function`'s `stream`.
+    pub async fn append(&self, function: &str, stream: &str, text: &[u8]) {
+        let timestamp = crate::store::queue::now_ms();
+        let events: Vec<LogEvent> = String::from_utf8_lossy(text)
+            .lines()
+            .map(|line| LogEvent {
+                timestamp,
+                log_stream_name: String::new(),
+                message: line.to_owned(),
+            })
+            .collect();
+        if events.is_empty() {
+            return;
+        }
+        let batch = Batch {
+            function: function.to_owned(),
+            stream: stream.to_owned(),
+            events,
+        };
+        // Waits when the writer is behind rather than dropping lines.
+        if self.tx.send(Message::Append(batch)).await.is_err() {
+            tracing::error!(function, "the log writer has stopped; log lines lost");
+        }
+    }
+
+    /// Reads `function`'s events matching `query`, oldest first, once the
+    /// lines already queued are written.
+    pub async fn read(&self, function: &str, query: LogQuery) -> io::Result<Vec<LogEvent>> {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.tx.send(Message::Barrier(done)).await.is_ok() {
+            let _ = written.await;
+        }
+        let dir = self.dir.join(function);
+        tokio::task::spawn_blocking(move || read_function(&dir, &query))
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+fn read_function(dir: &Path, query: &LogQuery) -> io::Result<Vec<LogEvent>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut events = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(stream) = stream_name(&file) else {
+            continue;
+        };
+        let reader = io::BufReader::new(fs::File::open(entry.path())?);
+        for line in reader.lines() {
+            let Ok(mut event) = serde_json::from_str::<LogEvent>(&line?) else {
+                continue;
+            };
+            if query.since_ms.is_some_and(|s| event.timestamp < s) {
+                continue;
+            }
+            if query
+                .filter
+                .as_deref()
+                .is_some_and(|f| !event.message.contains(f))
+            {
+                continue;
+            }
+            event.log_stream_name = stream.clone();
+            events.push(event);
+        }
+    }
+    // Stable: lines of one stream keep their order within a millisecond.
+    events.sort_by_key(|e| e.timestamp);
+    let skip = events.len().saturating_sub(query.limit.max(1));
+    Ok(events.split_off(skip))
+}
+
+fn write_loop(dir: &Path, mut rx: mpsc::Receiver<Message>, retention: Retention) {
+    let mut last_sweep = SystemTime::now();
+    let mut written: BTreeMap<String, u64> = BTreeMap::new();
+    while let Some(message) = rx.blocking_recv() {
+        let batch = match message {
+            Message::Append(batch) => batch,
+            Message::Barrier(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
+        let function_dir = dir.join(&batch.function);
+        let mut text = Vec::new();
+        for event in &batch.events {
+            if serde_json::to_writer(&mut text, event).is_ok() {
+                text.push(b'\n');
+            }
+        }
+        let appended = fs::create_dir_all(&function_dir).and_then(|()| {
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(function_dir.join(file_name(&batch.stream)))?
+                .write_all(&text)
+        });
+        if let Err(e) = appended {
+            tracing::error!(function = %batch.function, error = %e, "writing function logs");
+        }
+        let since_sweep = written.entry(batch.function.clone()).or_default();
+        *since_sweep += text.len() as u64;
+        // Sweep a function once it may have passed its limit, and every
+        // function once a minute for age.
+        if *since_sweep > retention.max_bytes_per_function / 8 {
+            *since_sweep = 0;
+            sweep(&function_dir, retention);
+        }
+        if last_sweep.elapsed().unwrap_or_default() > Duration::from_secs(60) {
+            last_sweep = SystemTime::now();
+            if let Ok(entries) = fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    sweep(&entry.path(), retention);
+                }
+            }
+        }
+    }
+}
+
+/// Applies retention to one function's streams.
+fn sweep(function_dir: &Path, retention: Retention) {
+    let Ok(entries) = fs::read_dir(function_dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    let mut streams: Vec<(SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((meta.modified().ok()?, meta.len(), e.path()))
+        })
+        .collect();
+    streams.sort();
+    let mut total: u64 = streams.iter().map(|(_, len, _)| len).sum();
+    for (modified, len, path) in streams {
+        let too_old = now.duration_since(modified).unwrap_or_default() > retention.max_age;
+        if too_old || total > retention.max_bytes_per_function {
+            if fs::remove_file(&path).is_ok() {
+                total -= len;
+            }
+        } else {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_survive_the_file_system() {
+        let stream = "2026/11/23/[$LATEST]0123abcd";
+        assert_eq!(file_name(stream), "2026-11-23-[$LATEST]0123abcd.log");
+        assert_eq!(stream_name(&file_name(stream)).unwrap(), stream);
+    }
+
+    fn write(dir: &Path, stream: &str, events: &[(i64, &str)]) {
+        fs::create_dir_all(dir).unwrap();
+        let mut f = fs::File::create(dir.join(file_name(stream))).unwrap();
+        for (t, m) in events {
+            let e = LogEvent {
+                timestamp: *t,
+                log_stream_name: String::new(),
+                message: (*m).to_owned(),
+            };
+            writeln!(f, "{}", serde_json::to_string(&e).unwrap()).unwrap();
+        }
+    }
+
+    #[test]
+    fn reads_merge_streams_and_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        write(
+            &f,
+            "2026/11/23/[$LATEST]a",
+            &[(1, "START a"), (5, "hello a")],
+        );
+        write(&f, "2026/11/23/[1]b", &[(3, "START b"), (4, "hello b")]);
+        let all = read_function(
+            &f,
+            &LogQuery {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let messages: Vec<_> = all.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages, ["START a", "START b", "hello b", "hello a"]);
+        assert_eq!(all[1].log_stream_name, "2026/11/23/[1]b");
+        let some = read_function(
+            &f,
+            &LogQuery {
+                since_ms: Some(4),
+                filter: Some("hello".into()),
+                limit: 100,
+            },
+        )
+        .unwrap();
+        assert_eq!(some.len(), 2);
+        let last = read_function(
+            &f,
+            &LogQuery {
+                limit: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(last[0].message, "hello a");
+        assert!(
+            read_function(&dir.path().join("none"), &LogQuery::default())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn retention_removes_the_oldest_streams_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        write(&f, "2026/11/23/[$LATEST]old", &[(1, &"x".repeat(1000))]);
+        // Modification times must differ for the order to be defined.
+        let old = f.join(file_name("2026/11/23/[$LATEST]old"));
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        write(&f, "2026/11/23/[$LATEST]new", &[(2, &"y".repeat(1000))]);
+        sweep(
+            &f,
+            Retention {
+                max_age: Duration::from_secs(86400),
+                max_bytes_per_function: 1500,
+            },
+        );
+        assert!(!old.exists());
+        assert!(f.join(file_name("2026/11/23/[$LATEST]new")).exists());
+        sweep(
+            &f,
+            Retention {
+                max_age: Duration::from_millis(0),
+                max_bytes_per_function: u64::MAX,
+            },
+        );
+        assert_eq!(fs::read_dir(&f).unwrap().count(), 0);
+    }
+}
