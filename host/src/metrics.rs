@@ -98,8 +98,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("kiln");
-        let m = Self {
+        let mut m = Self {
             invocations: Family::default(),
             errors: Family::default(),
             throttles: Family::default(),
@@ -115,8 +114,9 @@ impl Metrics {
             destination_failures: Family::default(),
             billed_ms: Family::default(),
             gb_seconds: Family::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("kiln"),
         };
+        let registry = &mut m.registry;
         registry.register(
             "invocations",
             "Invocations that ran (or failed to start) per function version",
@@ -192,7 +192,7 @@ impl Metrics {
             "Billed GB-seconds (billed duration x MemorySize) per function version",
             m.gb_seconds.clone(),
         );
-        Self { registry, ..m }
+        m
     }
 
     /// Records one invocation that reached an environment (or failed to
@@ -328,27 +328,23 @@ pub fn snapshot_registry(s: &Snapshot) -> Registry {
 
 /// `MemTotal` and `MemAvailable` of the host, and this process's RSS.
 fn host_memory() -> Vec<(&'static str, u64)> {
-    let mut out = Vec::new();
-    if let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") {
-        for (key, kind) in [("MemTotal:", "total"), ("MemAvailable:", "available")] {
-            let kib = meminfo
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-            if let Some(kib) = kib {
-                out.push((kind, kib * 1024));
-            }
-        }
-    }
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status")
-        && let Some(kib) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    {
-        out.push(("kiln_resident", kib * 1024));
-    }
-    out
+    let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+    let (meminfo, status) = (read("/proc/meminfo"), read("/proc/self/status"));
+    [
+        (&meminfo, "MemTotal:", "total"),
+        (&meminfo, "MemAvailable:", "available"),
+        (&status, "VmRSS:", "kiln_resident"),
+    ]
+    .into_iter()
+    .filter_map(|(text, key, kind)| Some((kind, kib_field(text, key)? * 1024)))
+    .collect()
+}
+
+/// The value of a `Key:   123 kB` line of a /proc file.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 #[cfg(test)]

@@ -158,11 +158,12 @@ async fn process(plane: &DataPlane, config: &AsyncConfig, event: Event) -> Compl
             }),
     );
     let age = |now: i64| now - event.enqueued_ms;
+    let age_now = age(now_ms());
     plane.metrics().async_attempt(
         &event.function,
-        Duration::from_millis(u64::try_from(age(now_ms())).unwrap_or(0)),
+        Duration::from_millis(u64::try_from(age_now).unwrap_or(0)),
     );
-    if age(now_ms()) > max_age_ms {
+    if age_now > max_age_ms {
         // Never invoked this time: the attempt counter already moved.
         return failure(
             plane,

@@ -160,6 +160,17 @@ fn read_function(dir: &Path, query: &LogQuery) -> io::Result<Vec<LogEvent>> {
         let Some(stream) = stream_name(&file) else {
             continue;
         };
+        // A stream last written before `since` has nothing to give: a
+        // follower's polls read only the streams still being written.
+        if let Some(since) = query.since_ms
+            && entry
+                .metadata()?
+                .modified()?
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .is_ok_and(|m| (m.as_millis() as i64) < since)
+        {
+            continue;
+        }
         let reader = io::BufReader::new(fs::File::open(entry.path())?);
         for line in reader.lines() {
             let Ok(mut event) = serde_json::from_str::<LogEvent>(&line?) else {

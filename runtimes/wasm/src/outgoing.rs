@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::uri::Scheme;
 use http_body_util::BodyExt;
 use wasmtime_wasi_http::io::TokioIo;
-use wasmtime_wasi_http::{Error, ForbiddenHeaderFilter, RequestOptions, WasiBody, WasiHttpHooks};
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 /// A guest's time to connect when it sets none: loopback answers at once.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,20 +26,18 @@ pub(crate) struct OutgoingPolicy {
 }
 
 impl OutgoingPolicy {
-    /// Whether `authority` (as the guest wrote it, with its port) names the
-    /// allowed endpoint. `localhost` is not resolved: a name is never
-    /// looked up on the guest's behalf.
-    fn allows(&self, authority: &http::uri::Authority) -> bool {
-        let Some(endpoint) = self.endpoint else {
-            return false;
-        };
+    /// The endpoint, when `authority` (as the guest wrote it, with its
+    /// port) names it. `localhost` is not resolved: a name is never looked
+    /// up on the guest's behalf.
+    fn destination(&self, authority: &http::uri::Authority) -> Option<SocketAddr> {
+        let endpoint = self.endpoint?;
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(80);
-        host.parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| SocketAddr::new(ip, port) == endpoint)
+        let ip = host.parse::<std::net::IpAddr>().ok()?;
+        (SocketAddr::new(ip, port) == endpoint).then_some(endpoint)
     }
 }
 
@@ -48,10 +46,6 @@ type SendFuture =
     Box<dyn Future<Output = Result<(http::Response<WasiBody>, ErrorFuture), Error>> + Send>;
 
 impl WasiHttpHooks for OutgoingPolicy {
-    fn forbidden_header_filter(&mut self) -> ForbiddenHeaderFilter {
-        std::sync::Arc::new(|name| wasmtime_wasi_http::DEFAULT_FORBIDDEN_HEADERS.contains(name))
-    }
-
     fn is_supported_scheme(&mut self, scheme: &Scheme) -> bool {
         // kiln's endpoint inside a sandbox is plain HTTP on loopback.
         *scheme == Scheme::HTTP
@@ -75,11 +69,10 @@ impl WasiHttpHooks for OutgoingPolicy {
                 .authority()
                 .cloned()
                 .ok_or(Error::HttpRequestUriInvalid)?;
-            if !policy.allows(&authority) {
+            let Some(endpoint) = policy.destination(&authority) else {
                 tracing::debug!(%authority, "outgoing request refused: not kiln's endpoint");
                 return Err(Error::HttpRequestDenied);
-            }
-            let endpoint = policy.endpoint.ok_or(Error::HttpRequestDenied)?;
+            };
             send(endpoint, request, options.unwrap_or_default()).await
         })
     }
@@ -132,17 +125,15 @@ async fn send(
     ))
 }
 
-/// A body type for tests and for requests built on the host side.
-#[cfg(test)]
-pub(crate) fn full(bytes: &'static [u8]) -> WasiBody {
-    http_body_util::Full::new(bytes::Bytes::from_static(bytes))
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn full(bytes: &'static [u8]) -> WasiBody {
+        http_body_util::Full::new(bytes::Bytes::from_static(bytes))
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    }
 
     fn authority(s: &str) -> http::uri::Authority {
         s.parse().unwrap()
@@ -153,7 +144,7 @@ mod tests {
         let policy = OutgoingPolicy {
             endpoint: Some("127.0.0.1:9002".parse().unwrap()),
         };
-        assert!(policy.allows(&authority("127.0.0.1:9002")));
+        assert!(policy.destination(&authority("127.0.0.1:9002")).is_some());
         for other in [
             "127.0.0.1:9003",
             "127.0.0.1",
@@ -162,10 +153,10 @@ mod tests {
             "example.com:9002",
             "[::1]:9002",
         ] {
-            assert!(!policy.allows(&authority(other)), "{other}");
+            assert!(policy.destination(&authority(other)).is_none(), "{other}");
         }
         let none = OutgoingPolicy { endpoint: None };
-        assert!(!none.allows(&authority("127.0.0.1:9002")));
+        assert!(none.destination(&authority("127.0.0.1:9002")).is_none());
     }
 
     #[tokio::test]
