@@ -22,6 +22,9 @@ command -v musl-gcc >/dev/null || need+=(musl-tools)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
+# The console test drives Debian's headless Chromium through its driver.
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if ((${#need[@]})); then
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
 fi

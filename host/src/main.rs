@@ -103,6 +103,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_age: std::time::Duration::from_secs(args.log_retention_days.saturating_mul(86_400)),
             max_bytes_per_function: args.log_retention_mb.saturating_mul(1 << 20),
         },
+        telemetry: args.telemetry == "on",
         ..ServerConfig::new()
     };
     let server = Server::start(config)

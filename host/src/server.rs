@@ -75,6 +75,9 @@ pub struct ServerConfig {
     pub log_retention: crate::invoke::logstore::Retention,
     /// The microVM guest kernel (`vmlinux`); without one, no microVMs.
     pub guest_kernel: Option<PathBuf>,
+    /// Function logs at rest, metrics and console activity; off only to
+    /// measure their cost.
+    pub telemetry: bool,
 }
 
 impl ServerConfig {
@@ -98,6 +101,7 @@ impl ServerConfig {
             audit_digest_interval: Duration::from_secs(300),
             log_retention: Default::default(),
             guest_kernel: None,
+            telemetry: true,
         }
     }
 }
@@ -256,13 +260,16 @@ impl Server {
                 log_capacity: config.log_capacity,
                 env_lease: config.env_lease,
                 account_concurrency: config.account_concurrency,
+                telemetry: config.telemetry,
             },
         );
         data.start_reaper();
-        data.set_log_store(
-            crate::invoke::logstore::LogStore::open(dir.join("logs"), config.log_retention)
-                .map_err(data_dir_error(dir))?,
-        );
+        if config.telemetry {
+            data.set_log_store(
+                crate::invoke::logstore::LogStore::open(dir.join("logs"), config.log_retention)
+                    .map_err(data_dir_error(dir))?,
+            );
+        }
         let control_meta = meta.clone();
         let control = Arc::new(ControlPlane::new(
             meta,
@@ -313,6 +320,7 @@ impl Server {
             data,
             auth,
             audit,
+            console: Default::default(),
         };
         let router = api::router(state.clone());
         Ok(Self {

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiError, AppState, Paging, host, json_body, listing};
+use super::{ApiError, AppState, Paging, blocking, host, json_body, listing};
 use crate::auth::Authenticated;
 use crate::control::requests::{
     CreateAliasRequest, CreateFunctionRequest, PublishVersionRequest, UpdateAliasRequest,
@@ -237,10 +237,9 @@ pub(super) async fn delete_alias(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /kiln/functions/{name}/config-history`: every configuration state
-/// of the function and its versions, oldest first.
-/// `GET /kiln/functions/{name}/logs?since=MS&filter=TEXT&limit=N`: the
-/// function's log events, oldest first (the latest `limit`, 1,000 at most).
+/// `GET /kiln/functions/{name}/logs?since=MS&filter=TEXT&limit=N&requestId=ID`:
+/// the function's log events, oldest first (the latest `limit`, 1,000
+/// unless asked), or one invocation's.
 pub(super) async fn function_logs(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -265,10 +264,19 @@ pub(super) async fn function_logs(
             })?,
         None => 1000,
     };
+    let request_id = params.get("requestId").filter(|r| !r.is_empty()).cloned();
+    if let Some(id) = &request_id
+        && (id.len() > 128 || id.contains(['"', '\\', '\n']))
+    {
+        return Err(ApiError::invalid_parameter(
+            "requestId must be a request id as an invocation returned it",
+        ));
+    }
     let query = crate::invoke::logstore::LogQuery {
         since_ms,
         filter: params.get("filter").filter(|f| !f.is_empty()).cloned(),
         limit,
+        request_id,
     };
     let Some(store) = s.data.logs().cloned() else {
         return Err(ApiError::internal(
@@ -286,6 +294,33 @@ pub(super) async fn function_logs(
     Ok(Json(json!({ "FunctionName": r.name, "Events": events })))
 }
 
+/// `GET /kiln/functions/{name}/activity`: the console's charts and recent
+/// invocations of the function, and its events waiting in the queue.
+pub(super) async fn function_activity(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = s.control.function_ref(&name, None)?;
+    s.control.get_function(&r).await?;
+    let report = s.data.activity().report(&r.name);
+    let queue = s.data.queue().clone();
+    let function = r.name.clone();
+    let pending = blocking(
+        |e: crate::store::queue::QueueError| ApiError::internal(e.to_string()),
+        move || queue.depth_of(&function),
+    )
+    .await?;
+    Ok(Json(json!({
+        "FunctionName": r.name,
+        "PeriodSeconds": report.period_seconds,
+        "Buckets": report.buckets,
+        "Recent": report.recent,
+        "Queue": { "Pending": pending },
+    })))
+}
+
+/// `GET /kiln/functions/{name}/config-history`: every configuration state
+/// of the function and its versions, oldest first.
 pub(super) async fn config_history(
     State(s): State<AppState>,
     Path(name): Path<String>,

@@ -37,46 +37,29 @@ pub(crate) async fn guard(
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_owned(), |c| c.0.to_string());
     let now = time::OffsetDateTime::now_utc();
-    // The key first, from the request's head: an unknown or malformed
-    // signature is refused before any body is read.
-    let headers: Vec<(&str, &[u8])> = parts
+    // A console session, when the request carries its cookie and no
+    // signature of its own: reads only, checked once the operation is known.
+    let signed = parts
         .headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_bytes()))
-        .collect();
-    let head = Incoming {
-        method: parts.method.as_str(),
-        path: parts.uri.path(),
-        query: parts.uri.query(),
-        headers: &headers,
-        body: &[],
-    };
-    let pending = match state.auth.identify(&head, now) {
-        Ok(p) => p,
-        Err(e) => return refusal(e).into_response(),
-    };
-    let bytes = match read_body(body, MAX_CONTROL_BODY, || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "RequestEntityTooLargeException",
-            format!("Request must be smaller than {MAX_CONTROL_BODY} bytes"),
-        )
-    })
-    .await
-    {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let identity = state.auth.verify(
-        &Incoming {
-            body: &bytes,
-            ..head
+        .contains_key(axum::http::header::AUTHORIZATION)
+        || parts
+            .uri
+            .query()
+            .is_some_and(|q| q.contains("X-Amz-Signature="));
+    let console = match super::console::session_cookie(&parts.headers).filter(|_| !signed) {
+        Some(token) => match console_caller(&state, token) {
+            Ok(caller) => Some(caller),
+            Err(refused) => return refused.into_response(),
         },
-        pending,
-    );
-    let caller = match identity {
-        Ok(i) => i,
-        Err(e) => return refusal(e).into_response(),
+        None => None,
+    };
+    let from_console = console.is_some();
+    let (caller, bytes) = match console {
+        Some(caller) => (caller, axum::body::Bytes::new()),
+        None => match signed_caller(&state, &parts, body, now).await {
+            Ok(c) => c,
+            Err(refused) => return refused,
+        },
     };
     let identity = &caller.identity;
 
@@ -111,8 +94,20 @@ pub(crate) async fn guard(
         )
         .into_response();
     };
-    // Invocations are the data plane; everything else is recorded.
-    let audited = op.name != "InvokeFunction";
+    if from_console && (op.mutating || !matches!(parts.method.as_str(), "GET" | "HEAD")) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "AccessDeniedException",
+            format!(
+                "A console session may only read; {} needs a request signed with SigV4",
+                op.name
+            ),
+        )
+        .into_response();
+    }
+    // Invocations are the data plane; everything else is recorded, except
+    // a console's reads (its page polls them; its sign-in is recorded).
+    let audited = op.name != "InvokeFunction" && !from_console;
     let params = if audited {
         audit_params(parts.uri.query(), &bytes)
     } else {
@@ -149,6 +144,69 @@ pub(crate) async fn guard(
         }
     }
     response
+}
+
+/// The caller of a console session.
+fn console_caller(state: &AppState, token: &str) -> Result<crate::auth::Authenticated, ApiError> {
+    let expired = || {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "UnrecognizedClientException",
+            "The console session is not valid or has expired: sign in again at /console",
+        )
+    };
+    let id = state.console.resolve(token).ok_or_else(expired)?;
+    state.auth.by_key(&id).map_err(|_| expired())
+}
+
+/// The caller of a SigV4-signed request, and its body. The key first,
+/// from the request's head: an unknown or malformed signature is refused
+/// before any body is read.
+async fn signed_caller(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+    body: Body,
+    now: time::OffsetDateTime,
+) -> Result<(crate::auth::Authenticated, axum::body::Bytes), Response> {
+    let headers: Vec<(&str, &[u8])> = parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    let head = Incoming {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &headers,
+        body: &[],
+    };
+    let pending = match state.auth.identify(&head, now) {
+        Ok(p) => p,
+        Err(e) => return Err(refusal(e).into_response()),
+    };
+    let bytes = match read_body(body, MAX_CONTROL_BODY, || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLargeException",
+            format!("Request must be smaller than {MAX_CONTROL_BODY} bytes"),
+        )
+    })
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => return Err(e.into_response()),
+    };
+    let identity = state.auth.verify(
+        &Incoming {
+            body: &bytes,
+            ..head
+        },
+        pending,
+    );
+    match identity {
+        Ok(caller) => Ok((caller, bytes)),
+        Err(e) => Err(refusal(e).into_response()),
+    }
 }
 
 /// Operations whose success leaves a new configuration state, which their
@@ -198,7 +256,7 @@ async fn history(
     Response::from_parts(parts, Body::from(bytes))
 }
 
-fn entry(
+pub(super) fn entry(
     principal: &str,
     source: &str,
     op: &Operation,
@@ -224,7 +282,7 @@ fn entry(
 /// Appends durably before the caller hears back: a change the caller saw
 /// succeed is in the trail. If the trail cannot be written, the caller
 /// gets an error instead (the change itself has been made).
-async fn record(state: &AppState, entry: AuditEntry) -> Result<(), Response> {
+pub(super) async fn record(state: &AppState, entry: AuditEntry) -> Result<(), Response> {
     let audit = state.audit.clone();
     let written = tokio::task::spawn_blocking(move || audit.append(entry)).await;
     match written {

@@ -5,6 +5,7 @@
 //! Bodies are read here, within per-operation size limits, so that an
 //! oversized request gets Lambda's error type rather than a bare 413.
 
+mod console;
 mod error;
 mod functions;
 mod guard;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub auth: Arc<crate::auth::Authenticator>,
     /// Where control-plane calls are recorded.
     pub audit: Arc<crate::audit::AuditLog>,
+    /// Signed-in consoles.
+    pub console: Arc<console::Sessions>,
 }
 
 /// Largest control-plane request body: Lambda's limit for a direct upload
@@ -158,6 +161,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/kiln/functions/{name}/logs", get(functions::function_logs))
         .route(
+            "/kiln/functions/{name}/activity",
+            get(functions::function_activity),
+        )
+        .route(
             "/kiln/functions/{name}/config-history",
             get(functions::config_history),
         )
@@ -178,6 +185,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/kiln/master-key/rotate", post(keys::rotate_master))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard::guard))
+        // The console's page and sign-in; its reads go through the gate.
+        .route("/console", get(console::page))
+        .route("/console/", get(console::page))
+        .route("/console/login", post(console::login))
+        .route("/console/logout", post(console::logout))
+        .route("/console/session", get(console::session))
         // Unauthenticated: health checks and Prometheus scrapes.
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))

@@ -166,6 +166,33 @@ impl Authenticator {
         }
     }
 
+    /// The caller of a console session: the long-term key it was opened
+    /// with, as the key is now (a deleted key ends the session).
+    pub fn by_key(&self, access_key_id: &str) -> Result<Authenticated, AuthError> {
+        let (secret, identity) = self
+            .credentials
+            .lookup(access_key_id)?
+            .ok_or(SigV4Error::UnknownKey)?;
+        Ok(Authenticated {
+            identity,
+            secret,
+            session_token: None,
+        })
+    }
+
+    /// Whether `secret` is the secret of the long-term key `access_key_id`
+    /// (compared in constant time).
+    pub fn check_secret(&self, access_key_id: &str, secret: &str) -> Result<bool, AuthError> {
+        Ok(match self.credentials.lookup(access_key_id)? {
+            Some((known, _)) => aws_lc_rs::constant_time::verify_slices_are_equal(
+                known.expose().as_bytes(),
+                secret.as_bytes(),
+            )
+            .is_ok(),
+            None => false,
+        })
+    }
+
     /// Whether `identity` may perform `op`, given the resource's policy.
     pub fn authorize(
         &self,

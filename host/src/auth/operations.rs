@@ -103,6 +103,7 @@ pub fn operation(
                 ("GET", "/code.zip", _) => ("GetFunction", f),
                 ("GET", "/config-history", _) => ("GetConfigurationHistory", unq),
                 ("GET", "/logs", _) => ("GetFunctionLogs", unq),
+                ("GET", "/activity", _) => ("GetFunctionActivity", unq),
                 _ => return None,
             }
         }
@@ -184,6 +185,8 @@ pub fn operation(
 /// Operations of kiln's own API (`kiln:` actions).
 const KILN_OPERATIONS: &[&str] = &[
     "GetConfigurationHistory",
+    "GetFunctionLogs",
+    "GetFunctionActivity",
     "ListQueueRecords",
     "GetQueueRecord",
     "RedriveQueue",

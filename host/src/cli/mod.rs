@@ -354,6 +354,11 @@ pub struct ServeArgs {
     /// MiB of logs kept per function; its oldest streams go first.
     #[arg(long, default_value_t = 64)]
     pub log_retention_mb: u64,
+    /// `off` keeps no function logs at rest, counts no metrics and no
+    /// console activity (Tail and the REPORT line still work): for
+    /// measuring what they cost.
+    #[arg(long, value_parser = ["on", "off"], default_value = "on")]
+    pub telemetry: String,
 }
 
 #[derive(Debug, clap::Args)]

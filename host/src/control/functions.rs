@@ -179,6 +179,10 @@ impl ControlPlane {
             .architectures
             .unwrap_or_else(|| vec!["x86_64".to_owned()]);
         validate::architectures(&architectures)?;
+        let logging = match &req.logging_config {
+            Some(l) => validate::logging(l, &Default::default())?,
+            None => Default::default(),
+        };
         let layers = self.layer_refs(&req.layers.unwrap_or_default()).await?;
         let zip = zip_bytes(req.code)?;
 
@@ -216,6 +220,7 @@ impl ControlPlane {
             last_version: 0,
             reserved_concurrency: None,
             published_from: None,
+            logging,
         };
         let prepared = self.prepare_checked(&record).await;
         let code = match prepared {
@@ -324,6 +329,9 @@ impl ControlPlane {
         }
         if let Some(e) = req.ephemeral_storage {
             record.ephemeral_storage = validate::ephemeral_storage(e.size)?;
+        }
+        if let Some(l) = &req.logging_config {
+            record.logging = validate::logging(l, &record.logging)?;
         }
         if let Some(env) = req.environment {
             let vars = env.variables.unwrap_or_default();

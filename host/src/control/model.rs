@@ -68,6 +68,78 @@ pub struct FunctionRecord {
     /// `$LATEST` it was published from.
     #[serde(default)]
     pub published_from: Option<String>,
+    /// `LoggingConfig`: how the function's log lines are written.
+    #[serde(default)]
+    pub logging: LogSettings,
+}
+
+/// A function's `LoggingConfig` as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogSettings {
+    /// `LogFormat: JSON`; Text otherwise.
+    #[serde(default)]
+    pub json: bool,
+    /// Function lines below this level are dropped (JSON only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_level: Option<LogLevel>,
+    /// Platform records below this level are dropped (JSON only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_level: Option<LogLevel>,
+    /// `LogGroup`, when the caller named one other than the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_group: Option<String>,
+}
+
+impl LogSettings {
+    /// The application level in force: INFO unless set (JSON only).
+    pub fn application_level(&self) -> LogLevel {
+        self.application_level.unwrap_or(LogLevel::Info)
+    }
+
+    /// The system level in force: INFO unless set (JSON only).
+    pub fn system_level(&self) -> LogLevel {
+        self.system_level.unwrap_or(LogLevel::Info)
+    }
+}
+
+/// Lambda's log levels, least severe first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Fatal,
+}
+
+impl LogLevel {
+    /// The wire name (`INFO`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "TRACE",
+            LogLevel::Debug => "DEBUG",
+            LogLevel::Info => "INFO",
+            LogLevel::Warn => "WARN",
+            LogLevel::Error => "ERROR",
+            LogLevel::Fatal => "FATAL",
+        }
+    }
+
+    /// A level as functions and callers spell it (any case; `WARNING` is
+    /// `WARN`, `CRITICAL` is `FATAL`, as Python's logging names them).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "TRACE" => LogLevel::Trace,
+            "DEBUG" => LogLevel::Debug,
+            "INFO" => LogLevel::Info,
+            "WARN" | "WARNING" => LogLevel::Warn,
+            "ERROR" => LogLevel::Error,
+            "FATAL" | "CRITICAL" => LogLevel::Fatal,
+            _ => return None,
+        })
+    }
 }
 
 /// A layer version a function uses.
@@ -104,6 +176,9 @@ impl FunctionRecord {
             self.environment,
             self.architectures,
             self.layers.iter().map(|l| &l.arn).collect::<Vec<_>>(),
+            // Only when set, so records stored before it keep their
+            // fingerprint.
+            (self.logging != LogSettings::default()).then_some(&self.logging),
         ])
         .to_string()
     }
@@ -226,6 +301,10 @@ pub struct EphemeralStorage {
 #[serde(rename_all = "PascalCase")]
 pub struct LoggingConfig {
     pub log_format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub application_log_level: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_log_level: Option<&'static str>,
     pub log_group: String,
 }
 
@@ -273,8 +352,17 @@ impl FunctionConfiguration {
                 size: r.ephemeral_storage,
             },
             logging_config: LoggingConfig {
-                log_format: "Text",
-                log_group: format!("/aws/lambda/{}", r.name),
+                log_format: if r.logging.json { "JSON" } else { "Text" },
+                application_log_level: r
+                    .logging
+                    .json
+                    .then(|| r.logging.application_level().as_str()),
+                system_log_level: r.logging.json.then(|| r.logging.system_level().as_str()),
+                log_group: r
+                    .logging
+                    .log_group
+                    .clone()
+                    .unwrap_or_else(|| format!("/aws/lambda/{}", r.name)),
             },
         }
     }

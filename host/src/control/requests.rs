@@ -34,6 +34,16 @@ pub struct EphemeralStorageInput {
     pub size: i64,
 }
 
+/// `LoggingConfig` in a request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LoggingConfigInput {
+    pub log_format: Option<String>,
+    pub application_log_level: Option<String>,
+    pub system_log_level: Option<String>,
+    pub log_group: Option<String>,
+}
+
 /// `CreateFunctionRequest`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -53,6 +63,7 @@ pub struct CreateFunctionRequest {
     pub layers: Option<Vec<String>>,
     pub architectures: Option<Vec<String>>,
     pub ephemeral_storage: Option<EphemeralStorageInput>,
+    pub logging_config: Option<LoggingConfigInput>,
 }
 
 /// `UpdateFunctionCodeRequest`.
@@ -82,6 +93,7 @@ pub struct UpdateFunctionConfigurationRequest {
     pub revision_id: Option<String>,
     pub layers: Option<Vec<String>>,
     pub ephemeral_storage: Option<EphemeralStorageInput>,
+    pub logging_config: Option<LoggingConfigInput>,
 }
 
 /// `PublishVersionRequest`.

@@ -68,6 +68,79 @@ pub fn description(v: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
+/// `LoggingConfig`, applied over `current`: the format, the levels (JSON
+/// only, as in Lambda) and the log group's name.
+pub fn logging(
+    input: &super::requests::LoggingConfigInput,
+    current: &super::model::LogSettings,
+) -> Result<super::model::LogSettings, ControlError> {
+    use super::model::LogLevel;
+    let enum_error = |field: &str, value: &str, allowed: &str| {
+        ControlError::Validation(format!(
+            "1 validation error detected: Value '{value}' at 'loggingConfig.{field}' failed to \
+             satisfy constraint: Member must satisfy enum value set: [{allowed}]"
+        ))
+    };
+    let mut out = current.clone();
+    if let Some(format) = &input.log_format {
+        out.json = match format.as_str() {
+            "JSON" => true,
+            "Text" => false,
+            other => return Err(enum_error("logFormat", other, "JSON, Text")),
+        };
+    }
+    let application = match &input.application_log_level {
+        Some(v) => Some(
+            LogLevel::parse(v)
+                .filter(|_| v.chars().all(|c| c.is_ascii_uppercase()))
+                .ok_or_else(|| {
+                    enum_error(
+                        "applicationLogLevel",
+                        v,
+                        "TRACE, DEBUG, INFO, WARN, ERROR, FATAL",
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let system = match input.system_log_level.as_deref() {
+        Some("DEBUG") => Some(LogLevel::Debug),
+        Some("INFO") => Some(LogLevel::Info),
+        Some("WARN") => Some(LogLevel::Warn),
+        Some(v) => return Err(enum_error("systemLogLevel", v, "DEBUG, INFO, WARN")),
+        None => None,
+    };
+    if !out.json && (application.is_some() || system.is_some()) {
+        return Err(ControlError::InvalidParameter(
+            "ApplicationLogLevel and SystemLogLevel need LogFormat JSON: set \
+             LoggingConfig.LogFormat to JSON, or leave the levels out"
+                .to_owned(),
+        ));
+    }
+    if out.json {
+        out.application_level = application.or(out.application_level);
+        out.system_level = system.or(out.system_level);
+    } else {
+        out.application_level = None;
+        out.system_level = None;
+    }
+    if let Some(group) = &input.log_group {
+        let ok = (1..=512).contains(&group.len())
+            && group
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/#".contains(c));
+        if !ok {
+            return Err(pattern_error(
+                "loggingConfig.logGroup",
+                group,
+                "[\\.\\-_/#A-Za-z0-9]+ (1 to 512 characters)",
+            ));
+        }
+        out.log_group = Some(group.clone());
+    }
+    Ok(out)
+}
+
 /// Handler: 1 to 128 non-whitespace characters.
 pub fn handler(v: &str) -> Result<(), ControlError> {
     if v.is_empty() || v.len() > 128 || v.chars().any(char::is_whitespace) {

@@ -52,6 +52,9 @@ pub struct LogQuery {
     pub filter: Option<String>,
     /// Most events returned: the latest ones.
     pub limit: usize,
+    /// Only the lines of this invocation (START to REPORT), whatever
+    /// `filter` says.
+    pub request_id: Option<String>,
 }
 
 struct Batch {
@@ -172,11 +175,19 @@ fn read_function(dir: &Path, query: &LogQuery) -> io::Result<Vec<LogEvent>> {
             continue;
         }
         let reader = io::BufReader::new(fs::File::open(entry.path())?);
+        let mut invocation = query.request_id.as_deref().map(Invocation::new);
         for line in reader.lines() {
             let Ok(mut event) = serde_json::from_str::<LogEvent>(&line?) else {
                 continue;
             };
             if query.since_ms.is_some_and(|s| event.timestamp < s) {
+                continue;
+            }
+            if let Some(inv) = invocation.as_mut() {
+                if inv.takes(&event.message) {
+                    event.log_stream_name = stream.clone();
+                    events.push(event);
+                }
                 continue;
             }
             if query
@@ -194,6 +205,49 @@ fn read_function(dir: &Path, query: &LogQuery) -> io::Result<Vec<LogEvent>> {
     events.sort_by_key(|e| e.timestamp);
     let skip = events.len().saturating_sub(query.limit.max(1));
     Ok(events.split_off(skip))
+}
+
+/// Picks one invocation's lines out of a stream. An environment runs one
+/// invocation at a time and its log is appended in one piece, so the lines
+/// from its START (text) or `platform.start` (JSON) record through its
+/// REPORT are its own. Without those records (JSON with `SystemLogLevel`
+/// WARN), the lines naming its request id are.
+struct Invocation {
+    start_text: String,
+    report_text: String,
+    json_id: String,
+    inside: bool,
+}
+
+impl Invocation {
+    fn new(request_id: &str) -> Self {
+        Self {
+            start_text: format!("START RequestId: {request_id} "),
+            report_text: format!("REPORT RequestId: {request_id}\t"),
+            json_id: format!("\"requestId\":\"{request_id}\""),
+            inside: false,
+        }
+    }
+
+    fn takes(&mut self, message: &str) -> bool {
+        let json = message.starts_with('{');
+        let names_it = json && message.contains(&self.json_id);
+        if !self.inside {
+            let starts = message.starts_with(&self.start_text)
+                || (names_it && message.contains("\"type\":\"platform.start\""));
+            if starts {
+                self.inside = true;
+                return true;
+            }
+            return names_it;
+        }
+        if message.starts_with(&self.report_text)
+            || (names_it && message.contains("\"type\":\"platform.report\""))
+        {
+            self.inside = false;
+        }
+        true
+    }
 }
 
 fn write_loop(dir: &Path, mut rx: mpsc::Receiver<Message>, retention: Retention) {
@@ -321,6 +375,7 @@ mod tests {
                 since_ms: Some(4),
                 filter: Some("hello".into()),
                 limit: 100,
+                request_id: None,
             },
         )
         .unwrap();
@@ -373,5 +428,35 @@ mod tests {
             },
         );
         assert_eq!(fs::read_dir(&f).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn one_invocations_lines_are_picked_out_of_its_stream() {
+        let lines = [
+            "START RequestId: a Version: 1",
+            "a's output",
+            "END RequestId: a",
+            "REPORT RequestId: a\tDuration: 1.00 ms",
+            "START RequestId: b Version: 1",
+            "b's output",
+            "END RequestId: b",
+            "REPORT RequestId: b\tDuration: 1.00 ms",
+            r#"{"time":"t","type":"platform.start","record":{"requestId":"c","version":"1"}}"#,
+            r#"{"timestamp":"t","level":"INFO","requestId":"c","message":"c's output"}"#,
+            r#"{"time":"t","type":"platform.report","record":{"requestId":"c"}}"#,
+            r#"{"timestamp":"t","level":"WARN","requestId":"d","message":"d alone"}"#,
+        ];
+        let pick = |id: &str| {
+            let mut inv = Invocation::new(id);
+            lines
+                .iter()
+                .filter(|l| inv.takes(l))
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pick("b"), &lines[4..8]);
+        assert_eq!(pick("c"), &lines[8..11]);
+        assert_eq!(pick("d"), &lines[11..]);
+        assert!(pick("e").is_empty());
     }
 }

@@ -11,6 +11,7 @@
 //! 5. answer with the payload or Lambda's error shape, and START / END /
 //!    REPORT lines around the function's own log.
 
+pub mod activity;
 mod concurrency;
 mod environments;
 mod events;
@@ -65,6 +66,9 @@ pub struct DataPlaneConfig {
     pub env_lease: Duration,
     /// The account's concurrency limit.
     pub account_concurrency: u32,
+    /// Whether invocations are counted in metrics and console activity
+    /// (off only to measure what that costs).
+    pub telemetry: bool,
 }
 
 /// Why an invocation could not run.
@@ -150,6 +154,7 @@ pub struct DataPlane {
     /// Issues each environment its execution role's credentials.
     credentials: std::sync::OnceLock<Arc<crate::auth::keys::Credentials>>,
     metrics: crate::metrics::Metrics,
+    activity: activity::Activity,
     logs: std::sync::OnceLock<logstore::LogStore>,
     me: Weak<DataPlane>,
 }
@@ -186,6 +191,7 @@ impl DataPlane {
             event_configs: RwLock::new(HashMap::new()),
             credentials: std::sync::OnceLock::new(),
             metrics: crate::metrics::Metrics::new(),
+            activity: activity::Activity::default(),
             logs: std::sync::OnceLock::new(),
             me: me.clone(),
         })
@@ -412,6 +418,7 @@ impl DataPlane {
     /// environments.
     pub fn remove(&self, name: &str) {
         let removed = self.write_functions().remove(name);
+        self.activity.remove(name);
         self.provisioned_lock()
             .retain(|(function, _), _| function != name);
         self.governor.set_reserved(name, None);
@@ -469,6 +476,19 @@ impl DataPlane {
         }
     }
 
+    /// Counts a finished invocation in metrics and activity.
+    fn observe(&self, m: crate::metrics::InvocationMetrics<'_>, a: activity::Finished<'_>) {
+        if self.config.telemetry {
+            self.metrics.invocation(m);
+            self.activity.finished(&a);
+        }
+    }
+
+    /// Recent activity per function, for the console.
+    pub fn activity(&self) -> &activity::Activity {
+        &self.activity
+    }
+
     /// What the data plane has counted.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
@@ -517,8 +537,11 @@ impl DataPlane {
     pub async fn invoke(&self, input: InvokeInput) -> Result<InvokeOutput, InvokeError> {
         let function = input.name.clone();
         let result = self.run_invocation(input).await;
-        if let Err(InvokeError::Throttled { .. }) = &result {
+        if let Err(InvokeError::Throttled { .. }) = &result
+            && self.config.telemetry
+        {
             self.metrics.throttle(&function);
+            self.activity.throttled(&function);
         }
         result
     }
@@ -530,6 +553,7 @@ impl DataPlane {
             .governor
             .acquire(&input.name)
             .map_err(|reason| InvokeError::Throttled { reason })?;
+        let concurrency = self.governor.in_flight(&input.name);
         let request_id = input
             .request_id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -539,11 +563,8 @@ impl DataPlane {
             None => self.arn.function_arn(&record.name),
         };
 
-        let mut log = LogBuilder::new(input.log_tail);
-        log.line(&format!(
-            "START RequestId: {request_id} Version: {}",
-            record.version
-        ));
+        let mut log = LogBuilder::new(input.log_tail, &record.logging, &request_id);
+        log.start(&record.version);
 
         let (mut env, init_duration) = match self.take_warm(&slot) {
             Some(env) => (env, None),
@@ -555,22 +576,34 @@ impl DataPlane {
                 match (env, init.error) {
                     (Some(env), None) => (env, Some(init.duration)),
                     (_, error) => {
-                        log.finish(&request_id, &record, Duration::ZERO, 0, None);
+                        log.finish(&record, logs::Status::Error, Duration::ZERO, 0, None);
                         self.store_log(&record.name, &stream, &log).await;
-                        self.metrics.invocation(crate::metrics::InvocationMetrics {
-                            function: &record.name,
-                            version: &record.version,
-                            duration: Duration::ZERO,
-                            memory_mb: record.memory_size,
-                            init: Some(init.duration),
-                            error: true,
-                            provisioned: false,
-                            spilled: self.has_provisioned(&record.name, &record.version),
-                        });
                         let error = error.unwrap_or(Outcome::Failed {
                             error_type: "Runtime.Unknown".to_owned(),
                             message: "the environment failed to start".to_owned(),
                         });
+                        self.observe(
+                            crate::metrics::InvocationMetrics {
+                                function: &record.name,
+                                version: &record.version,
+                                duration: Duration::ZERO,
+                                memory_mb: record.memory_size,
+                                init: Some(init.duration),
+                                error: true,
+                                provisioned: false,
+                                spilled: self.has_provisioned(&record.name, &record.version),
+                            },
+                            activity::Finished {
+                                function: &record.name,
+                                version: &record.version,
+                                request_id: &request_id,
+                                log_stream: &stream,
+                                duration: Duration::ZERO,
+                                init: Some(init.duration),
+                                error: Some(error_type(&error)),
+                                concurrency,
+                            },
+                        );
                         return Ok(failure_output(request_id, &record, error, log));
                     }
                 }
@@ -588,20 +621,37 @@ impl DataPlane {
         };
         let report = env.invoke(&request).await;
         let provisioned = env.is_provisioned();
-        self.metrics.invocation(crate::metrics::InvocationMetrics {
-            function: &record.name,
-            version: &record.version,
-            duration: report.duration,
-            memory_mb: record.memory_size,
-            init: init_duration,
-            error: !matches!(&report.outcome, Outcome::Response(p) if p.len() <= MAX_SYNC_PAYLOAD),
-            provisioned,
-            spilled: !provisioned && self.has_provisioned(&record.name, &record.version),
-        });
+        let failed =
+            !matches!(&report.outcome, Outcome::Response(p) if p.len() <= MAX_SYNC_PAYLOAD);
+        self.observe(
+            crate::metrics::InvocationMetrics {
+                function: &record.name,
+                version: &record.version,
+                duration: report.duration,
+                memory_mb: record.memory_size,
+                init: init_duration,
+                error: failed,
+                provisioned,
+                spilled: !provisioned && self.has_provisioned(&record.name, &record.version),
+            },
+            activity::Finished {
+                function: &record.name,
+                version: &record.version,
+                request_id: &request_id,
+                log_stream: env.log_stream(),
+                duration: report.duration,
+                init: init_duration,
+                error: failed.then(|| match &report.outcome {
+                    Outcome::Response(_) => "Function.ResponseSizeTooLarge",
+                    other => error_type(other),
+                }),
+                concurrency,
+            },
+        );
         log.raw(&report.logs);
         log.finish(
-            &request_id,
             &record,
+            logs::Status::of(&report.outcome),
             report.duration,
             report.max_memory_bytes,
             init_duration,
@@ -736,6 +786,18 @@ impl DataPlane {
             .iter()
             .map(|s| s.idle.len() + s.provisioned.len())
             .sum()
+    }
+}
+
+/// The error type of a failed outcome, as the console lists it.
+fn error_type(outcome: &Outcome) -> &str {
+    match outcome {
+        Outcome::FunctionError { error_type, .. } | Outcome::Failed { error_type, .. }
+            if !error_type.is_empty() =>
+        {
+            error_type
+        }
+        _ => "Unhandled",
     }
 }
 

@@ -270,6 +270,18 @@ impl QueueStore {
             .map(|n| n as u64)
     }
 
+    /// Events of `function` waiting or running.
+    pub fn depth_of(&self, function: &str) -> Result<u64, QueueError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM events WHERE function = ?1",
+                [function],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .map(|n| n as u64)
+    }
+
     /// Records of `function` in the built-in queue, oldest first, after
     /// `after`, at most `limit`.
     pub fn records(
