@@ -25,4 +25,5 @@ pub mod package;
 pub mod sandbox;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod vmm;

@@ -27,6 +27,18 @@ fn main() -> ExitCode {
         }
         command => Cli { command },
     };
+    // Before the runtime: the OTLP exporter's HTTP client runs on threads
+    // of its own and must not be made or dropped on the runtime's.
+    let telemetry = match &cli.command {
+        Command::Serve(_) => match kiln::telemetry::init() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,6 +55,9 @@ fn main() -> ExitCode {
             other => cli::run_client(other).await,
         }
     });
+    drop(runtime);
+    // Flushes the spans still held.
+    drop(telemetry);
     match result {
         Ok(0) => ExitCode::SUCCESS,
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -54,13 +69,6 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     if !(args.async_time_scale > 0.0 && args.async_time_scale <= 1.0) {
         anyhow::bail!(
             "--async-time-scale must be in (0, 1], not {}",

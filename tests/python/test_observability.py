@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import ROOT_ENV, create, kiln_bin
+from conftest import ROOT_ENV, KilnServer, create, kiln_bin
 
 REPORT = re.compile(
     r"REPORT RequestId: (?P<id>[0-9a-f-]{36})\tDuration: (?P<ms>\d+\.\d{2}) ms\t"
@@ -205,3 +205,157 @@ def test_kiln_logs_of_an_unknown_function_says_so(server):
                          capture_output=True, text=True, timeout=60, env=dict(os.environ, **ROOT_ENV))
     assert out.returncode != 0
     assert "ResourceNotFoundException" in out.stderr and "no-such-function" in out.stderr
+
+
+def test_the_json_log_format(lam, artifacts):
+    name = "json-logs"
+    with pytest.raises(ClientError) as e:
+        create(lam, name, artifacts["misbehave"],
+               LoggingConfig={"LogFormat": "Text", "ApplicationLogLevel": "WARN"})
+    assert e.value.response["Error"]["Code"] == "InvalidParameterValueException"
+    assert "LogFormat to JSON" in e.value.response["Error"]["Message"]
+    config = create(lam, name, artifacts["misbehave"])["LoggingConfig"]
+    assert config == {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{name}"}
+
+    config = lam.update_function_configuration(
+        FunctionName=name, LoggingConfig={"LogFormat": "JSON"})["LoggingConfig"]
+    assert config == {"LogFormat": "JSON", "ApplicationLogLevel": "INFO", "SystemLogLevel": "INFO",
+                      "LogGroup": f"/aws/lambda/{name}"}
+    r = lam.invoke(FunctionName=name, Payload=b'{"action": "log"}', LogType="Tail")
+    request_id = r["ResponseMetadata"]["RequestId"]
+    records = [json.loads(line) for line in tail(r).splitlines()]
+    assert records[0]["type"] == "platform.start"
+    assert records[0]["record"] == {"requestId": request_id, "version": "$LATEST"}
+    line = [x for x in records if x.get("message") == "structured"][0]
+    assert (line["level"], line["requestId"], line["key"]) == ("INFO", request_id, "value")
+    report = records[-1]
+    assert report["type"] == "platform.report" and report["record"]["status"] == "success"
+    metrics = report["record"]["metrics"]
+    assert metrics["billedDurationMs"] == max(1, math.ceil(metrics["durationMs"]))
+    assert metrics["memorySizeMB"] == 128 and "initDurationMs" in metrics
+
+    # WARN drops the function's INFO line and the platform's records.
+    lam.update_function_configuration(
+        FunctionName=name,
+        LoggingConfig={"LogFormat": "JSON", "ApplicationLogLevel": "WARN", "SystemLogLevel": "WARN"})
+    r = lam.invoke(FunctionName=name, Payload=b'{"action": "log"}', LogType="Tail")
+    assert tail(r) == ""
+    with pytest.raises(ClientError) as e:
+        lam.update_function_configuration(FunctionName=name, LoggingConfig={"SystemLogLevel": "ERROR"})
+    assert e.value.response["Error"]["Code"] == "ValidationException"
+
+    # Back to text.
+    lam.update_function_configuration(FunctionName=name, LoggingConfig={"LogFormat": "Text"})
+    r = lam.invoke(FunctionName=name, Payload=b'{"action": "log"}', LogType="Tail")
+    assert tail(r).startswith("START RequestId: ")
+    assert lam.get_function_configuration(FunctionName=name)["LoggingConfig"]["LogFormat"] == "Text"
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver on loopback: keeps every request's body."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.requests = []
+        self.arrived = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.arrived:
+                    receiver.requests.append((self.path, self.headers["Content-Type"], body))
+                    receiver.arrived.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Type", self.headers["Content-Type"])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def wait_for(self, done, timeout=30):
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: done(self.requests), timeout), self.requests
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def json_spans(requests):
+    spans = []
+    for path, _, body in requests:
+        assert path == "/v1/traces"
+        for rs in json.loads(body)["resourceSpans"]:
+            service = [a["value"]["stringValue"] for a in rs["resource"]["attributes"]
+                       if a["key"] == "service.name"]
+            for ss in rs["scopeSpans"]:
+                for s in ss["spans"]:
+                    spans.append(dict(s, service=service))
+    return spans
+
+
+@pytest.mark.parametrize("protocol", ["http/json", "http/protobuf"])
+def test_spans_are_exported_over_otlp_in_the_callers_trace(tmp_path, artifacts, protocol):
+    receiver = OtlpReceiver()
+    srv = KilnServer(tmp_path / "data", env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }).start()
+    try:
+        lam = srv.client()
+        create(lam, "traced", artifacts["misbehave"])
+        trace = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
+        undo = _with_trace(lam, trace)
+        r = lam.invoke(FunctionName="traced", Payload=b'{"action": "echo", "arg": 1}')
+        undo()
+        assert r["StatusCode"] == 200
+        trace_id = "5759e988bd862e3fe1be46a994272793"
+        wanted = {"request", "InvokeFunction", "route", "acquire_environment", "create_sandbox",
+                  "init", "invoke", "store_log"}
+        if protocol == "http/protobuf":
+            # The ids travel as raw bytes in the protobuf.
+            receiver.wait_for(lambda reqs: any(bytes.fromhex(trace_id) in b for _, _, b in reqs))
+            assert all(t == "application/x-protobuf" for _, t, _ in receiver.requests)
+            body = b"".join(b for _, _, b in receiver.requests)
+            for name in wanted:
+                assert name.encode() in body, name
+            return
+
+        def complete(reqs):
+            names = {s["name"] for s in json_spans(reqs) if s["traceId"] == trace_id}
+            return wanted <= names
+        receiver.wait_for(complete)
+        spans = [s for s in json_spans(receiver.requests) if s["traceId"] == trace_id]
+        by_name = {s["name"]: s for s in spans}
+        assert all(s["service"] == ["kiln"] for s in spans)
+        # The API's span hangs under the caller's span, the operation under
+        # it, and the invocation's steps under the operation.
+        parent = {s["name"]: s.get("parentSpanId") for s in spans}
+        assert parent["request"] == "53995c3f42cd8ad8"
+        assert parent["InvokeFunction"] == by_name["request"]["spanId"]
+        for step in ("route", "acquire_environment", "invoke", "store_log"):
+            assert parent[step] == by_name["InvokeFunction"]["spanId"], step
+        for step in ("create_sandbox", "init"):
+            assert parent[step] == by_name["acquire_environment"]["spanId"], step
+        attrs = {a["key"]: a["value"] for a in by_name["invoke"]["attributes"]}
+        assert attrs["faas.invocation_id"]["stringValue"] == r["ResponseMetadata"]["RequestId"]
+
+        # An event queued without a header is traced under the id kiln made
+        # for it, which the function also got.
+        lam.invoke(FunctionName="traced", InvocationType="Event", Payload=b'{"action": "echo", "arg": 2}')
+        receiver.wait_for(lambda reqs: any(s["name"] == "async_event" for s in json_spans(reqs)))
+        event = [s for s in json_spans(receiver.requests) if s["name"] == "async_event"][0]
+        enqueue = [s for s in json_spans(receiver.requests) if s["name"] == "enqueue"][0]
+        assert event["traceId"] == enqueue["traceId"] != trace_id
+    finally:
+        srv.stop()
+        receiver.close()
+

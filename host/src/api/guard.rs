@@ -14,6 +14,7 @@ use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument as _;
 
 use super::{ApiError, AppState, MAX_CONTROL_BODY, read_body};
 use crate::audit::AuditEntry;
@@ -131,8 +132,15 @@ pub(crate) async fn guard(
         return refused.into_response();
     }
     parts.extensions.insert(caller);
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "operation",
+        otel.name = op.name,
+        enduser.id = %principal,
+    );
     let mut response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
+        .instrument(span)
         .await;
     if response.status().is_success() && CONFIGURATION_CHANGES.contains(&op.name) {
         response = history(&state, &principal, &op, response).await;

@@ -266,8 +266,39 @@ async fn unknown_operation(request: Request) -> ApiError {
 }
 
 /// Every response carries `x-amzn-RequestId`, as Lambda's do.
-async fn request_id(request: Request, next: Next) -> Response {
-    let mut response = next.run(request).await;
+/// Gives every response a request id, every invocation a trace (the
+/// caller's `X-Amzn-Trace-Id`, or a new one), and every request a span.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    let invocation = request.method() == axum::http::Method::POST
+        && request.uri().path().ends_with("/invocations");
+    if invocation
+        && !request.headers().contains_key("x-amzn-trace-id")
+        && let Ok(v) = HeaderValue::from_str(&crate::invoke::new_trace_id())
+    {
+        request.headers_mut().insert("x-amzn-trace-id", v);
+    }
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "request",
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    if !span.is_disabled()
+        && let Some(parent) = request
+            .headers()
+            .get("x-amzn-trace-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::telemetry::remote_parent)
+    {
+        let _ = span.set_parent(parent);
+    }
+    let mut response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
     if !response.headers().contains_key("x-amzn-requestid") {
         let id = uuid::Uuid::new_v4().to_string();
         if let Ok(v) = HeaderValue::from_str(&id) {

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use super::{DataPlane, InvokeError, InvokeInput};
 use crate::control::model::LATEST;
@@ -123,8 +124,9 @@ async fn dispatch(plane: Weak<DataPlane>, queue: Arc<QueueStore>, config: AsyncC
             let (plane, queue, config) = (plane.clone(), queue.clone(), config.clone());
             tokio::spawn(async move {
                 let id = event.id;
+                let span = event_span(&event);
                 let completion = match plane.upgrade() {
-                    Some(plane) => process(&plane, &config, event).await,
+                    Some(plane) => process(&plane, &config, event).instrument(span).await,
                     None => return,
                 };
                 if let Err(e) = queue.complete(id, completion).await {
@@ -134,6 +136,30 @@ async fn dispatch(plane: Weak<DataPlane>, queue: Arc<QueueStore>, config: AsyncC
             });
         }
     }
+}
+
+/// The span of one attempt at an event: in the trace of the request that
+/// queued it.
+fn event_span(event: &Event) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "async_event",
+        otel.kind = "consumer",
+        faas.invocation_id = %event.request_id,
+        faas.name = %event.function,
+        attempt = event.attempts,
+        age_ms = now_ms() - event.enqueued_ms,
+    );
+    if !span.is_disabled()
+        && let Some(parent) = event
+            .trace_id
+            .as_deref()
+            .and_then(crate::telemetry::remote_parent)
+    {
+        let _ = span.set_parent(parent);
+    }
+    span
 }
 
 /// What happened to one attempt.

@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 pub use environments::EnvironmentsDir;
 pub use events::AsyncConfig;
@@ -44,6 +45,7 @@ use crate::sandbox::{
     error_document,
 };
 use crate::store::queue::{NewEvent, QueueStore};
+use crate::telemetry::TARGET as TRACE;
 
 /// Largest synchronous request and response payload: 6 MB.
 pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
@@ -306,6 +308,7 @@ impl DataPlane {
                 payload: input.payload.to_vec(),
                 trace_id: input.trace_id,
             })
+            .instrument(tracing::info_span!(target: TRACE, "enqueue"))
             .await
             .map_err(|e| InvokeError::Internal(format!("storing the event: {e}")))?;
         Ok(request_id)
@@ -472,7 +475,10 @@ impl DataPlane {
 
     async fn store_log(&self, function: &str, stream: &str, log: &LogBuilder) {
         if let Some(store) = self.logs.get() {
-            store.append(function, stream, log.text()).await;
+            store
+                .append(function, stream, log.text())
+                .instrument(tracing::info_span!(target: TRACE, "store_log"))
+                .await;
         }
     }
 
@@ -547,13 +553,23 @@ impl DataPlane {
     }
 
     async fn run_invocation(&self, input: InvokeInput) -> Result<InvokeOutput, InvokeError> {
-        let slot = self.resolve(&input.name, input.qualifier.as_deref())?;
-        // Admission first: a throttled call does no work and holds nothing.
-        let _admitted = self
-            .governor
-            .acquire(&input.name)
-            .map_err(|reason| InvokeError::Throttled { reason })?;
-        let concurrency = self.governor.in_flight(&input.name);
+        let route = tracing::info_span!(
+            target: TRACE,
+            "route",
+            function = %input.name,
+            qualifier = input.qualifier.as_deref().unwrap_or(""),
+            version = tracing::field::Empty,
+        );
+        let (slot, _admitted, concurrency) = route.in_scope(|| {
+            let slot = self.resolve(&input.name, input.qualifier.as_deref())?;
+            tracing::Span::current().record("version", slot.record.version.as_str());
+            // Admission first: a throttled call does no work and holds nothing.
+            let admitted = self
+                .governor
+                .acquire(&input.name)
+                .map_err(|reason| InvokeError::Throttled { reason })?;
+            Ok::<_, InvokeError>((slot, admitted, self.governor.in_flight(&input.name)))
+        })?;
         let request_id = input
             .request_id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -566,11 +582,19 @@ impl DataPlane {
         let mut log = LogBuilder::new(input.log_tail, &record.logging, &request_id);
         log.start(&record.version);
 
-        let (mut env, init_duration) = match self.take_warm(&slot) {
+        let acquire = tracing::info_span!(
+            target: TRACE,
+            "acquire_environment",
+            warm = tracing::field::Empty
+        );
+        let warm = acquire.in_scope(|| self.take_warm(&slot));
+        acquire.record("warm", warm.is_some());
+        let (mut env, init_duration) = match warm {
             Some(env) => (env, None),
             None => {
                 let (env, init, stream) = self
                     .create_environment(&slot, InitType::OnDemand, None)
+                    .instrument(acquire)
                     .await?;
                 log.raw(&init.logs);
                 match (env, init.error) {
@@ -619,7 +643,16 @@ impl DataPlane {
             trace_id: input.trace_id.unwrap_or_else(new_trace_id),
             timeout: Duration::from_secs(u64::from(record.timeout)),
         };
-        let report = env.invoke(&request).await;
+        let report = env
+            .invoke(&request)
+            .instrument(tracing::info_span!(
+                target: TRACE,
+                "invoke",
+                faas.invocation_id = %request_id,
+                faas.name = %record.name,
+                faas.version = %record.version,
+            ))
+            .await;
         let provisioned = env.is_provisioned();
         let failed =
             !matches!(&report.outcome, Outcome::Response(p) if p.len() <= MAX_SYNC_PAYLOAD);
@@ -736,13 +769,24 @@ impl DataPlane {
             ephemeral_mb: record.ephemeral_storage,
             log_capacity: self.config.log_capacity,
         };
-        let mut env = sandbox.create(&code, spec).await.map_err(|e| match e {
-            SandboxError::Capacity(_) => InvokeError::Throttled {
-                reason: "ConcurrentInvocationLimitExceeded",
-            },
-            other => InvokeError::Internal(other.to_string()),
-        })?;
-        let init = env.init(INIT_TIMEOUT).await;
+        let mut env = sandbox
+            .create(&code, spec)
+            .instrument(tracing::info_span!(
+                target: TRACE,
+                "create_sandbox",
+                sandbox = sandbox.kind().as_str(),
+            ))
+            .await
+            .map_err(|e| match e {
+                SandboxError::Capacity(_) => InvokeError::Throttled {
+                    reason: "ConcurrentInvocationLimitExceeded",
+                },
+                other => InvokeError::Internal(other.to_string()),
+            })?;
+        let init = env
+            .init(INIT_TIMEOUT)
+            .instrument(tracing::info_span!(target: TRACE, "init", init_type = init_type.as_str()))
+            .await;
         if init.error.is_some() {
             return Ok((None, init, stream));
         }
