@@ -122,7 +122,25 @@ impl Client {
         if let Some(creds) = &self.credentials {
             self.sign(&mut request, creds)?;
         }
-        let request = reqwest::Request::try_from(request).context("building the request")?;
+        // A large body goes up in chunks that move a progress bar.
+        let (mut parts, mut body) = request.into_parts();
+        let upload = if body.len() >= super::progress::LARGE_UPLOAD {
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, body.len().into());
+            let label = format!("uploading {} KiB", body.len() / 1024);
+            Some(super::progress::Upload::new(
+                std::mem::take(&mut body),
+                &label,
+            ))
+        } else {
+            None
+        };
+        let mut request = reqwest::Request::try_from(http::Request::from_parts(parts, body))
+            .context("building the request")?;
+        if let Some(upload) = upload {
+            *request.body_mut() = Some(reqwest::Body::wrap(upload));
+        }
         let response = self.http.execute(request).await.map_err(|e| {
             anyhow!(
                 "could not reach kiln at {}: {e}. Is `kiln serve` running there? \

@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod client;
+pub mod progress;
 pub mod vmm;
 
 use std::net::SocketAddr;
@@ -92,6 +93,10 @@ pub enum Command {
     /// credentials that act under the role's policy.
     #[command(subcommand)]
     Roles(RolesCommand),
+    /// Provisioned concurrency of a version or alias: environments
+    /// initialized ahead of invocations.
+    #[command(subcommand)]
+    Provisioned(ProvisionedCommand),
     /// Every configuration state of a function and its versions: who
     /// changed what, and when.
     #[command(
@@ -218,6 +223,51 @@ pub enum KeysCommand {
     Delete {
         /// The access key id.
         access_key_id: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProvisionedCommand {
+    /// Set COUNT environments for FUNCTION:QUALIFIER and wait until they
+    /// are ready, showing progress.
+    #[command(
+        after_help = "Examples:\n  kiln provisioned set hello live 5\n  kiln provisioned set hello 3 10 --no-wait --output json"
+    )]
+    Set {
+        /// The function's name.
+        function: String,
+        /// A published version or an alias (not $LATEST).
+        qualifier: String,
+        /// Environments to keep initialized (1 or more).
+        count: u32,
+        /// Return once the setting is accepted, without waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait for READY before giving up (the setting stays).
+        #[arg(long, default_value_t = 600)]
+        wait_timeout: u64,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Show the setting and how many environments are ready.
+    #[command(after_help = "Example:\n  kiln provisioned get hello live --output json")]
+    Get {
+        /// The function's name.
+        function: String,
+        /// A published version or an alias.
+        qualifier: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Remove the setting; its environments are torn down.
+    #[command(after_help = "Example:\n  kiln provisioned delete hello live")]
+    Delete {
+        /// The function's name.
+        function: String,
+        /// A published version or an alias.
+        qualifier: String,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -420,15 +470,26 @@ pub async fn run_client(command: Command) -> Result<i32> {
             output,
             native,
         } => {
+            let started = std::time::Instant::now();
+            eprintln!(
+                "building {} for {} (cargo reports its progress below)",
+                path.display(),
+                if native {
+                    build::NATIVE_TARGET
+                } else {
+                    "wasm32-wasip2"
+                }
+            );
             let built = if native {
                 build::build_native(&path, output.as_deref())?
             } else {
                 build::build(&path, output.as_deref())?
             };
             eprintln!(
-                "built {} ({} bytes): deploy it with `kiln deploy {} {}`",
+                "built {} ({} bytes) in {:.1} s: deploy it with `kiln deploy {} {}`",
                 built.zip.display(),
                 built.zip_size,
+                started.elapsed().as_secs_f64(),
                 built.name,
                 built.zip.display()
             );
@@ -443,6 +504,7 @@ pub async fn run_client(command: Command) -> Result<i32> {
         Command::Invoke(args) => invoke(args).await,
         Command::Keys(command) => keys(command).await,
         Command::Roles(command) => roles(command).await,
+        Command::Provisioned(command) => provisioned(command).await,
         Command::Audit(command) => audit(command),
         Command::Logs(args) => logs(args).await,
         Command::ConfigHistory { function, endpoint } => {
@@ -655,6 +717,126 @@ fn format_ms(ms: i64) -> String {
         .ok()
         .and_then(|t| t.format(kiln::control::model::RFC3339_MILLIS).ok())
         .unwrap_or_else(|| ms.to_string())
+}
+
+fn provisioned_line(v: &Value) -> String {
+    format!(
+        "{} ready of {} requested ({} allocated){}",
+        v["AvailableProvisionedConcurrentExecutions"],
+        v["RequestedProvisionedConcurrentExecutions"],
+        v["AllocatedProvisionedConcurrentExecutions"],
+        match v["Status"].as_str() {
+            Some(status) => format!(": {status}"),
+            None => String::new(),
+        }
+    )
+}
+
+async fn provisioned(command: ProvisionedCommand) -> Result<i32> {
+    use reqwest::Method;
+    let path = |function: &str, qualifier: &str| {
+        format!(
+            "/2019-09-30/functions/{}/provisioned-concurrency?Qualifier={}",
+            path_segment(function),
+            path_segment(qualifier)
+        )
+    };
+    match command {
+        ProvisionedCommand::Get {
+            function,
+            qualifier,
+            endpoint,
+        } => {
+            admin(
+                &endpoint,
+                Method::GET,
+                &path(&function, &qualifier),
+                None,
+                |v| vec![provisioned_line(v)],
+            )
+            .await
+        }
+        ProvisionedCommand::Delete {
+            function,
+            qualifier,
+            endpoint,
+        } => {
+            admin(
+                &endpoint,
+                Method::DELETE,
+                &path(&function, &qualifier),
+                None,
+                |_| {
+                    vec![format!(
+                        "removed provisioned concurrency of {function}:{qualifier}"
+                    )]
+                },
+            )
+            .await
+        }
+        ProvisionedCommand::Set {
+            function,
+            qualifier,
+            count,
+            no_wait,
+            wait_timeout,
+            endpoint,
+        } => {
+            let client = Client::new(&endpoint)?;
+            let url = path(&function, &qualifier);
+            let body = serde_json::to_vec(&json!({ "ProvisionedConcurrentExecutions": count }))?;
+            let mut state = client
+                .send(Method::PUT, &url, &[], body)
+                .await?
+                .into_success()?
+                .json()?;
+            if !no_wait {
+                let bar = progress::counter(
+                    u64::from(count),
+                    format!("{function}:{qualifier} environments ready"),
+                );
+                let deadline =
+                    std::time::Instant::now() + std::time::Duration::from_secs(wait_timeout);
+                loop {
+                    let ready = state["AvailableProvisionedConcurrentExecutions"]
+                        .as_u64()
+                        .unwrap_or(0);
+                    bar.set_position(ready.min(u64::from(count)));
+                    match state["Status"].as_str() {
+                        Some("READY") => break,
+                        Some("FAILED") => {
+                            bar.abandon();
+                            bail!(
+                                "provisioned concurrency of {function}:{qualifier} failed: {}",
+                                state["StatusReason"].as_str().unwrap_or("no reason given")
+                            );
+                        }
+                        _ => {}
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        bar.abandon();
+                        bail!(
+                            "{function}:{qualifier} was not READY after {wait_timeout} s ({}); \
+                             the setting stays: see `kiln provisioned get {function} {qualifier}`",
+                            provisioned_line(&state)
+                        );
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    state = client
+                        .send(Method::GET, &url, &[], vec![])
+                        .await?
+                        .into_success()?
+                        .json()?;
+                }
+                bar.finish();
+            }
+            match endpoint.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&state)?),
+                Output::Text => println!("{function}:{qualifier}: {}", provisioned_line(&state)),
+            }
+            Ok(0)
+        }
+    }
 }
 
 async fn admin(
@@ -1150,4 +1332,57 @@ async fn invoke(args: InvokeArgs) -> Result<i32> {
 /// The idle timeout as a duration.
 pub fn idle_timeout(args: &ServeArgs) -> Duration {
     Duration::from_secs(args.idle_timeout.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// Every command a user runs has examples in its --help, and every one
+    /// that answers (all but the server and the build, whose --output is the
+    /// zip) can answer in JSON for scripts.
+    #[test]
+    fn every_command_has_examples_and_json_output() {
+        fn leaves(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+            if cmd.is_hide_set() {
+                return;
+            }
+            if cmd.get_subcommands().next().is_none() {
+                out.push((path, cmd.clone()));
+                return;
+            }
+            for sub in cmd.get_subcommands() {
+                leaves(sub, format!("{path} {}", sub.get_name()), out);
+            }
+        }
+        let mut all = Vec::new();
+        leaves(&super::Cli::command(), "kiln".to_owned(), &mut all);
+        assert!(all.len() > 15, "{}", all.len());
+        for (path, cmd) in all {
+            if path == "kiln help" || path.starts_with("kiln help ") {
+                continue;
+            }
+            let examples = cmd
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(
+                examples.contains("Example") && examples.contains(&path),
+                "{path}: its --help needs examples that run it"
+            );
+            if path == "kiln serve" || path == "kiln build" {
+                continue;
+            }
+            let output = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some("output"))
+                .unwrap_or_else(|| panic!("{path} has no --output"));
+            let values: Vec<String> = output
+                .get_possible_values()
+                .iter()
+                .map(|v| v.get_name().to_owned())
+                .collect();
+            assert!(values.contains(&"json".to_owned()), "{path}: --output json");
+        }
+    }
 }
