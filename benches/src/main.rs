@@ -165,6 +165,91 @@ fn main() -> Result<()> {
             throughput_rps: Some(samples.len() as f64 / elapsed.as_secs_f64()),
         });
 
+        // What logs at rest, metrics and console activity cost per
+        // invocation: a second server with --telemetry off, measured in
+        // alternating blocks with the first so that drift hits both alike.
+        let quiet_config = ServerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: data.path().join("data-quiet"),
+            root_credentials: Some((load::BENCH_KEY.0.to_owned(), load::BENCH_KEY.1.to_owned())),
+            telemetry: false,
+            ..ServerConfig::new()
+        };
+        let quiet = server_rt.spawn(Server::start(quiet_config)).await??;
+        let quiet_http = Http::new(quiet.local_addr());
+        let quiet_plane = quiet.state().data.clone();
+        server_rt.spawn(quiet.run(std::future::pending()));
+        deploy(&quiet_http, "hello", &hello_zip).await?;
+        let (blocks, per_block) = if args.quick { (4, 50) } else { (40, 500) };
+        let (on_plane, off_plane) = (state.data.clone(), quiet_plane);
+        let (on, off) = server_rt
+            .spawn(async move {
+                let input = InvokeInput {
+                    name: "hello".into(),
+                    qualifier: None,
+                    payload: bytes::Bytes::from_static(event),
+                    log_tail: false,
+                    trace_id: None,
+                    request_id: None,
+                };
+                for _ in 0..200 {
+                    off_plane.invoke(input.clone()).await?;
+                }
+                let (mut on, mut off) = (Vec::new(), Vec::new());
+                for _ in 0..blocks {
+                    for (plane, out) in [(&on_plane, &mut on), (&off_plane, &mut off)] {
+                        for _ in 0..per_block {
+                            let t = Instant::now();
+                            plane.invoke(input.clone()).await?;
+                            out.push(t.elapsed());
+                        }
+                    }
+                }
+                anyhow::Ok((on, off))
+            })
+            .await??;
+        for (name, description, samples) in [
+            ("telemetry-on-server-side", "DataPlane::invoke of a warm Wasm environment with logs at rest, metrics and console activity (the default), interleaved with telemetry-off", on),
+            ("telemetry-off-server-side", "the same on a server started with --telemetry off", off),
+        ] {
+            scenarios.push(Scenario {
+                name,
+                description,
+                workload: "examples/hello",
+                payload_bytes: event.len(),
+                concurrency: 1,
+                samples: samples.len(),
+                latency_us: Summary::of(&samples),
+                throughput_rps: None,
+            });
+        }
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        let (mut on_time, mut off_time) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        quiet_http.invoke_loop("hello", event, 200, 1).await?;
+        for _ in 0..blocks {
+            let (s, t) = http.invoke_loop("hello", event, 5, per_block).await?;
+            on.extend(s);
+            on_time += t;
+            let (s, t) = quiet_http.invoke_loop("hello", event, 5, per_block).await?;
+            off.extend(s);
+            off_time += t;
+        }
+        for (name, description, samples, time) in [
+            ("telemetry-on-http", "warm invoke over HTTP with logs at rest, metrics and console activity (the default), interleaved with telemetry-off", on, on_time),
+            ("telemetry-off-http", "the same on a server started with --telemetry off", off, off_time),
+        ] {
+            scenarios.push(Scenario {
+                name,
+                description,
+                workload: "examples/hello",
+                payload_bytes: event.len(),
+                concurrency: 1,
+                samples: samples.len(),
+                latency_us: Summary::of(&samples),
+                throughput_rps: Some(samples.len() as f64 / time.as_secs_f64()),
+            });
+        }
+
         // First invoke of a newly created function: the environment is
         // created and initialized on this call (the component was compiled
         // at CreateFunction; this measures the cold start of the data plane).

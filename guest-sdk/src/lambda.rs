@@ -451,17 +451,27 @@ mod transport {
         let outgoing = request.body().map_err(unit("body"))?;
         let pending = outgoing_handler::handle(request, None)
             .map_err(|e| fail("sending")(format!("{e:?}")))?;
-        {
-            let stream = outgoing.write().map_err(unit("body stream"))?;
-            for chunk in body.chunks(4096) {
-                stream
-                    .blocking_write_and_flush(chunk)
-                    .map_err(|e| fail("writing the body")(format!("{e:?}")))?;
+        let written = (|| {
+            {
+                let stream = outgoing.write().map_err(unit("body stream"))?;
+                for chunk in body.chunks(4096) {
+                    stream
+                        .blocking_write_and_flush(chunk)
+                        .map_err(|e| fail("writing the body")(format!("{e:?}")))?;
+                }
             }
-        }
-        OutgoingBody::finish(outgoing, None)
-            .map_err(|e| fail("finishing the body")(format!("{e:?}")))?;
+            OutgoingBody::finish(outgoing, None)
+                .map_err(|e| fail("finishing the body")(format!("{e:?}")))
+        })();
         pending.subscribe().block();
+        if let Err(write_error) = written {
+            // A request refused before its body was taken closes the body:
+            // the refusal is the error to report.
+            return Err(match pending.get() {
+                Some(Ok(Err(e))) => fail("response")(format!("{e:?}")),
+                _ => write_error,
+            });
+        }
         let response = pending
             .get()
             .ok_or_else(|| ClientError::Transport("no response".into()))?
