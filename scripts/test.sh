@@ -56,7 +56,10 @@ step "end-to-end tests with boto3 against the real binary"
 cargo build --release --locked -p kiln
 KILN_BIN="$CARGO_TARGET_DIR/release/kiln" target/venv/bin/python -m pytest tests/python -q -p no:cacheprovider
 
-step "benchmark harness smoke run (results in target/bench-quick)"
+step "benchmark harness smoke run (results in target/bench-quick; installs wasmtime-cli for the peer comparison once, into ~/.cache/kiln/peers)"
 cargo run --release --locked -p kiln-bench -- --quick --out target/bench-quick
+
+step "micro benchmarks, briefly (criterion --quick)"
+cargo bench --locked -p kiln-bench --bench micro -- --quick
 
 step "all passed"

@@ -25,6 +25,8 @@ type Signed = (String, Instant);
 /// Connects to one server.
 pub struct Http {
     addr: SocketAddr,
+    /// Whether requests are signed (kiln) or sent as they are (a peer).
+    sign: bool,
     /// Presigned targets by (method, path, body): signing every request
     /// would put the client's HMACs into the latencies measured, so a
     /// signature is reused for a minute, as a replayed request is valid.
@@ -35,12 +37,24 @@ impl Http {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
+            sign: true,
             signed: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// A client for a server that takes unsigned requests (a peer).
+    pub fn unsigned(addr: SocketAddr) -> Self {
+        Self {
+            sign: false,
+            ..Self::new(addr)
         }
     }
 
     /// `path` with a SigV4 presigned query for `method` and `body`.
     fn signed_target(&self, method: &str, path: &str, body: &Bytes) -> Result<String> {
+        if !self.sign {
+            return Ok(path.to_owned());
+        }
         let key = (method.to_owned(), path.to_owned(), body.clone());
         let mut cache = self
             .signed
@@ -238,6 +252,64 @@ impl Http {
             answers.extend(t.await??);
         }
         Ok((answers, start.elapsed()))
+    }
+}
+
+impl Http {
+    /// Requests at `rate` per second for `duration`, each sent at its
+    /// scheduled time on an idle connection (a new one when none is idle);
+    /// every latency counts from the scheduled time. Returns the latencies
+    /// and the most connections used.
+    pub async fn open_loop(
+        self: &std::sync::Arc<Self>,
+        path: &str,
+        body: Bytes,
+        rate: f64,
+        duration: Duration,
+    ) -> Result<(Vec<Duration>, usize)> {
+        type Pool = std::sync::Arc<std::sync::Mutex<Vec<SendRequest<Full<Bytes>>>>>;
+        let pool: Pool = Default::default();
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = (rate * duration.as_secs_f64()).ceil() as usize;
+        let start = tokio::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due).await;
+            let (http, path, body, pool, opened) = (
+                self.clone(),
+                path.to_owned(),
+                body.clone(),
+                pool.clone(),
+                opened.clone(),
+            );
+            tasks.spawn(async move {
+                let idle = pool.lock().ok().and_then(|mut p| p.pop());
+                let mut sender = match idle {
+                    Some(s) => s,
+                    None => {
+                        opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        http.connect().await?
+                    }
+                };
+                let (status, _, response) = http
+                    .send_with(&mut sender, "POST", &path, &[], body)
+                    .await?;
+                let latency = due.elapsed();
+                if status != 200 {
+                    bail!("{path}: {status} {}", String::from_utf8_lossy(&response));
+                }
+                if let Ok(mut p) = pool.lock() {
+                    p.push(sender);
+                }
+                anyhow::Ok(latency)
+            });
+        }
+        let mut latencies = Vec::with_capacity(n);
+        while let Some(done) = tasks.join_next().await {
+            latencies.push(done??);
+        }
+        Ok((latencies, opened.load(std::sync::atomic::Ordering::Relaxed)))
     }
 }
 

@@ -8,8 +8,11 @@
 //! cargo run -p kiln-bench --release -- [--quick] [--out DIR]
 //! ```
 
+mod charts;
 mod load;
+mod peers;
 mod stats;
+mod suite;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -38,6 +41,10 @@ struct Args {
     /// archive), written as `security.{json,md}`.
     #[arg(long)]
     security_only: bool,
+    /// Skip the peers (`wasmtime serve` is installed on first use, which
+    /// takes a quarter of an hour once).
+    #[arg(long)]
+    no_peers: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -61,6 +68,15 @@ struct Scenario {
     samples: usize,
     latency_us: Summary,
     throughput_rps: Option<f64>,
+    /// A figure the columns above do not hold (environments per GiB, a
+    /// ratio to a peer, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    figure: Option<String>,
+}
+
+/// A name made at run time, for a report that lives as long as the run.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
 }
 
 #[derive(Debug, Serialize)]
@@ -81,7 +97,12 @@ fn main() -> Result<()> {
     let hello = std::fs::read(kiln_test_support::wasm_function("hello"))
         .context("building examples/hello")?;
     let hello_zip = kiln::package::pack_component(&hello)?;
-    let native_zip = native_hello().context("building examples/hello as a native bootstrap")?;
+    let native_zip =
+        build_native("examples/hello").context("building examples/hello as a native bootstrap")?;
+    let misbehave = std::fs::read(kiln_test_support::wasm_function("misbehave"))
+        .context("building tests/functions/misbehave")?;
+    let misbehave_zip = kiln::package::pack_component(&misbehave)?;
+    let peer_component = kiln_test_support::wasm_function("peer-noop-http");
 
     // The server gets its own runtime and threads, as it would in its own
     // process; the load generator runs on the main thread's runtime.
@@ -149,6 +170,7 @@ fn main() -> Result<()> {
             samples: samples.len(),
             latency_us: Summary::of(&samples),
             throughput_rps: None,
+            figure: None,
         });
 
         // Warm invoke over HTTP on loopback, one connection, closed loop.
@@ -163,6 +185,7 @@ fn main() -> Result<()> {
             samples: samples.len(),
             latency_us: Summary::of(&samples),
             throughput_rps: Some(samples.len() as f64 / elapsed.as_secs_f64()),
+            figure: None,
         });
 
         // What logs at rest, metrics and console activity cost per
@@ -221,6 +244,7 @@ fn main() -> Result<()> {
                 samples: samples.len(),
                 latency_us: Summary::of(&samples),
                 throughput_rps: None,
+                figure: None,
             });
         }
         let (mut on, mut off) = (Vec::new(), Vec::new());
@@ -247,6 +271,7 @@ fn main() -> Result<()> {
                 samples: samples.len(),
                 latency_us: Summary::of(&samples),
                 throughput_rps: Some(samples.len() as f64 / time.as_secs_f64()),
+                figure: None,
             });
         }
 
@@ -274,6 +299,7 @@ fn main() -> Result<()> {
             samples: first.len(),
             latency_us: Summary::of(&first),
             throughput_rps: None,
+            figure: None,
         });
         // Asynchronous invocation: acknowledged events per second with 64
         // clients (each ack means the event is fsync'd), then the time from
@@ -311,6 +337,7 @@ fn main() -> Result<()> {
             samples: acks.len(),
             latency_us: Summary::of(&latencies),
             throughput_rps: Some(acks.len() as f64 / elapsed.as_secs_f64()),
+            figure: None,
         });
         let queue = state.data.queue().clone();
         // Let the backlog drain before measuring an idle queue's latency.
@@ -362,6 +389,7 @@ fn main() -> Result<()> {
             samples: starts.len(),
             latency_us: Summary::of(&starts),
             throughput_rps: None,
+            figure: None,
         });
         // Native custom runtime in the jail: the same handler built as a
         // bootstrap. A cold start here is a new environment: namespaces,
@@ -393,6 +421,7 @@ fn main() -> Result<()> {
                 samples: first.len(),
                 latency_us: Summary::of(&first),
                 throughput_rps: None,
+                figure: None,
             });
             let n = 10_000 / scale;
             let (samples, elapsed) = http.invoke_loop("native-cold-0", event, 200, n).await?;
@@ -405,8 +434,109 @@ fn main() -> Result<()> {
                 samples: samples.len(),
                 latency_us: Summary::of(&samples),
                 throughput_rps: Some(samples.len() as f64 / elapsed.as_secs_f64()),
+                figure: None,
             });
         }
+        // The comparison suite: throughput over concurrency, open loop,
+        // scale-up, cold start per sandbox over new versions, density.
+        deploy(&http, "echo", &misbehave_zip).await?;
+        let noop = bytes::Bytes::from_static(event);
+        scenarios.append(
+            &mut suite::sweep(&http, "noop", "hello", "examples/hello", noop.clone(), args.quick)
+                .await?,
+        );
+        scenarios.append(
+            &mut suite::sweep(
+                &http,
+                "echo-64k",
+                "echo",
+                "tests/functions/misbehave (echo)",
+                suite::echo_event(),
+                args.quick,
+            )
+            .await?,
+        );
+        // Half the closed-loop throughput at 16 clients: a load the server
+        // keeps up with, where queueing is what the latency shows.
+        let c16 = scenarios
+            .iter()
+            .find(|s| s.name == "sweep-noop-c16")
+            .and_then(|s| s.throughput_rps)
+            .unwrap_or(1000.0);
+        let seconds = if args.quick { 1 } else { 10 };
+        scenarios.push(
+            suite::open_loop(&http, "hello", noop.clone(), (c16 / 2.0).round(), std::time::Duration::from_secs(seconds))
+                .await?,
+        );
+        deploy(&http, "scale", &misbehave_zip).await?;
+        let clients = if args.quick { 20 } else { 200 };
+        scenarios.push(
+            suite::scale_up(&http, "scale", bytes::Bytes::from_static(br#"{"action":"sleep","arg":50}"#), clients)
+                .await?,
+        );
+        let versions = (50 / scale).max(3);
+        deploy(&http, "coldv", &hello_zip).await?;
+        let samples = suite::cold_versions(&http, "coldv", event, versions).await?;
+        scenarios.push(cold_scenario("wasm-in-process", "examples/hello", &samples, event.len()));
+        deploy(&http, "dense", &misbehave_zip).await?;
+        scenarios.push(
+            suite::density(&http, "dense", "wasm-in-process", "tests/functions/misbehave", if args.quick { 20 } else { 400 })
+                .await?,
+        );
+        let native_cold = async {
+            deploy_as(&http, "coldv-native", &native_zip, "provided.al2023", "bootstrap").await?;
+            suite::cold_versions(&http, "coldv-native", event, versions).await
+        };
+        match native_cold.await {
+            Ok(samples) => {
+                scenarios.push(cold_scenario("native-jail", "examples/hello (native)", &samples, event.len()));
+                let dense = build_native("tests/functions/native-misbehave")?;
+                deploy_as(&http, "dense-native", &dense, "provided.al2023", "bootstrap").await?;
+                scenarios.push(
+                    suite::density(&http, "dense-native", "native-jail", "tests/functions/native-misbehave", if args.quick { 4 } else { 40 })
+                        .await?,
+                );
+            }
+            Err(why) => eprintln!("skipping the native jail suite scenarios: {why:#}"),
+        }
+        // Wasm in the jail: a server that places Wasm functions there.
+        let jail_config = ServerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: data.path().join("data-jail"),
+            root_credentials: Some((load::BENCH_KEY.0.to_owned(), load::BENCH_KEY.1.to_owned())),
+            wasm_sandbox: kiln::server::WasmPlacement::Jail,
+            ..ServerConfig::new()
+        };
+        let jailed = async {
+            let server = server_rt.spawn(Server::start(jail_config)).await??;
+            let jail_http = std::sync::Arc::new(Http::new(server.local_addr()));
+            server_rt.spawn(server.run(std::future::pending()));
+            deploy(&jail_http, "coldv", &hello_zip).await?;
+            suite::cold_versions(&jail_http, "coldv", event, versions).await
+        };
+        match jailed.await {
+            Ok(samples) => scenarios.push(cold_scenario("wasm-jail", "examples/hello", &samples, event.len())),
+            Err(why) => eprintln!("skipping the Wasm-in-the-jail cold start: {why:#}"),
+        }
+        eprintln!(
+            "no microVM cold start: a Linux guest cannot boot on this machine's KVM (see benches/README.md and kiln doctor)"
+        );
+
+        // Peers, interleaved with kiln on the same work.
+        let wasmtime = if args.no_peers {
+            Err(anyhow::anyhow!("--no-peers"))
+        } else {
+            peers::wasmtime()
+        };
+        match wasmtime {
+            Ok(wasmtime) => {
+                let serve = peers::Serve::start(&wasmtime, &peer_component)?;
+                let peer = std::sync::Arc::new(Http::unsigned(serve.addr));
+                scenarios.append(&mut peers::compare(&http, &peer, noop.clone(), &[1, 16], args.quick).await?);
+            }
+            Err(why) => eprintln!("skipping the wasmtime serve comparison: {why:#}"),
+        }
+
         // The VMM on this machine's KVM with the no_std test guest (a
         // Linux guest cannot boot here; see benches/README.md).
         match kvm_scenarios(args.quick) {
@@ -423,6 +553,7 @@ fn main() -> Result<()> {
             samples: create.len(),
             latency_us: Summary::of(&create),
             throughput_rps: None,
+            figure: None,
         });
         anyhow::Ok(())
     })?;
@@ -432,8 +563,30 @@ fn main() -> Result<()> {
         scenarios,
     };
     write_report(&args.out, &report, args.quick)?;
+    for chart in charts::draw(&args.out, &report.scenarios)? {
+        eprintln!("wrote {}", chart.display());
+    }
     drop(server_rt);
     Ok(())
+}
+
+fn cold_scenario(
+    sandbox: &str,
+    workload: &'static str,
+    samples: &[std::time::Duration],
+    payload: usize,
+) -> Scenario {
+    Scenario {
+        name: leak(format!("cold-start-{sandbox}")),
+        description: "first Invoke of a newly published version (its first environment: create, init, call), over a new HTTP connection",
+        workload,
+        payload_bytes: payload,
+        concurrency: 1,
+        samples: samples.len(),
+        latency_us: Summary::of(samples),
+        throughput_rps: None,
+        figure: None,
+    }
 }
 
 async fn deploy(http: &Http, name: &str, zip: &[u8]) -> Result<()> {
@@ -541,6 +694,7 @@ fn security_scenarios(quick: bool) -> Result<Vec<Scenario>> {
             samples: verify.len(),
             latency_us: Summary::of(&verify),
             throughput_rps: None,
+            figure: None,
         },
         Scenario {
             name: "open-sealed-archive",
@@ -551,6 +705,7 @@ fn security_scenarios(quick: bool) -> Result<Vec<Scenario>> {
             samples: open.len(),
             latency_us: Summary::of(&open),
             throughput_rps: None,
+            figure: None,
         },
     ])
 }
@@ -641,6 +796,7 @@ fn kvm_scenarios(quick: bool) -> Result<Vec<Scenario>> {
             samples: create.len(),
             latency_us: Summary::of(&create),
             throughput_rps: None,
+            figure: None,
         },
         Scenario {
             name: "kvm-testguest-ready",
@@ -651,6 +807,7 @@ fn kvm_scenarios(quick: bool) -> Result<Vec<Scenario>> {
             samples: ready.len(),
             latency_us: Summary::of(&ready),
             throughput_rps: None,
+            figure: None,
         },
         Scenario {
             name: "kvm-virtio-console-round-trip",
@@ -661,13 +818,15 @@ fn kvm_scenarios(quick: bool) -> Result<Vec<Scenario>> {
             samples: round_trips.len(),
             latency_us: Summary::of(&round_trips),
             throughput_rps: None,
+            figure: None,
         },
     ])
 }
 
 /// `examples/hello` as a native bootstrap zip, built by the `kiln` CLI
 /// (`kiln build --native`) that sits beside this binary.
-fn native_hello() -> Result<Vec<u8>> {
+/// A crate of the workspace built with `kiln build --native`.
+fn build_native(krate: &str) -> Result<Vec<u8>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let root = kiln_test_support::workspace_root();
     let status = std::process::Command::new(&cargo)
@@ -682,17 +841,17 @@ fn native_hello() -> Result<Vec<u8>> {
         .context("the bench binary has a directory")?
         .join("kiln");
     let out = tempfile::tempdir()?;
-    let zip = out.path().join("hello-native.zip");
+    let zip = out.path().join("native.zip");
     let status = std::process::Command::new(&kiln)
         .arg("build")
         .arg("--native")
-        .arg(root.join("examples/hello"))
+        .arg(root.join(krate))
         .arg("--output")
         .arg(&zip)
         .status()
         .with_context(|| format!("running {}", kiln.display()))?;
     if !status.success() {
-        bail!("kiln build --native examples/hello failed");
+        bail!("kiln build --native {krate} failed");
     }
     Ok(std::fs::read(zip)?)
 }
@@ -741,11 +900,11 @@ fn write_report_as(dir: &std::path::Path, report: &Report, stem: &str) -> Result
         "Measured {} on {} cores ({}), {} GiB, kiln {} — {}.\n\n",
         c.date, c.cores, c.cpu, c.memory_gib, c.kiln_version, c.mode
     ));
-    md.push_str("| scenario | workload | payload | concurrency | samples | p50 | p99 | p99.9 | throughput |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| scenario | workload | payload | concurrency | samples | p50 | p99 | p99.9 | throughput | figure |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for s in &report.scenarios {
         md.push_str(&format!(
-            "| {} | {} | {} B | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} B | {} | {} | {} | {} | {} | {} | {} |\n",
             s.name,
             s.workload,
             s.payload_bytes,
@@ -756,6 +915,7 @@ fn write_report_as(dir: &std::path::Path, report: &Report, stem: &str) -> Result
             stats::fmt_us(s.latency_us.p999),
             s.throughput_rps
                 .map_or("-".to_owned(), |r| format!("{r:.0} req/s")),
+            s.figure.as_deref().unwrap_or("-"),
         ));
     }
     let md_path = dir.join(format!("{stem}.md"));

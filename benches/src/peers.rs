@@ -1,0 +1,179 @@
+//! Peers measured in the same run as kiln: `wasmtime serve` (wasmtime-cli
+//! from crates.io, installed once into a cache) serving a `wasi:http`
+//! component that does what `examples/hello` does. Blocks of kiln and of the
+//! peer alternate, so that a noisy machine shifts both alike and the ratio
+//! holds.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+
+use crate::load::Http;
+use crate::stats::Summary;
+use crate::{Scenario, leak};
+
+/// The wasmtime the targets were set against.
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Where installed peers are kept: `$KILN_BENCH_CACHE`, else
+/// `~/.cache/kiln/peers`.
+fn cache() -> PathBuf {
+    std::env::var_os("KILN_BENCH_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/kiln/peers")
+        })
+}
+
+/// `wasmtime` of [`WASMTIME_VERSION`], installed with `cargo install` the
+/// first time (about a quarter of an hour on 2 cores).
+pub fn wasmtime() -> Result<PathBuf> {
+    let root = cache().join(format!("wasmtime-{WASMTIME_VERSION}"));
+    let bin = root.join("bin/wasmtime");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    eprintln!(
+        "installing wasmtime-cli {WASMTIME_VERSION} into {} (once; it is cached)",
+        root.display()
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(["install", "--locked", "--quiet"])
+        .arg(format!("wasmtime-cli@{WASMTIME_VERSION}"))
+        .arg("--root")
+        .arg(&root)
+        .arg("--target-dir")
+        .arg(cache().join("target"))
+        .status()
+        .context("running cargo install wasmtime-cli")?;
+    if !status.success() || !bin.exists() {
+        bail!("cargo install wasmtime-cli@{WASMTIME_VERSION} failed");
+    }
+    Ok(bin)
+}
+
+/// A `wasmtime serve` process; killed when dropped.
+pub struct Serve {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Serve {
+    /// Serves `component` on a free loopback port, with the pooling
+    /// allocator (as the reference figures were taken).
+    pub fn start(wasmtime: &Path, component: &Path) -> Result<Self> {
+        let mut child = Command::new(wasmtime)
+            .args([
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "-O",
+                "pooling-allocator=y",
+            ])
+            .arg(component)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", wasmtime.display()))?;
+        let stderr = child.stderr.take().context("wasmtime's stderr")?;
+        // It says where it listens once it does.
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let Some(line) = lines.next() else {
+                let _ = child.kill();
+                bail!("wasmtime serve exited before listening");
+            };
+            let line = line?;
+            if let Some(rest) = line.split("http://").nth(1) {
+                let addr = rest.trim_end_matches('/').trim();
+                break addr
+                    .parse::<SocketAddr>()
+                    .with_context(|| format!("wasmtime serve said {line:?}"))?;
+            }
+        };
+        // Keep draining its stderr so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// kiln invoking `examples/hello` and the peer serving the same work, at
+/// each concurrency of `levels`, in alternating blocks.
+pub async fn compare(
+    kiln: &Arc<Http>,
+    peer: &Arc<Http>,
+    event: Bytes,
+    levels: &[usize],
+    quick: bool,
+) -> Result<Vec<Scenario>> {
+    let kiln_path = "/2015-03-31/functions/hello/invocations";
+    let (blocks, per_block) = if quick { (2, 100) } else { (10, 2000) };
+    let mut out = Vec::new();
+    for &c in levels {
+        kiln.closed_loop(kiln_path, &[], event.clone(), c, c * 10, 200)
+            .await?;
+        peer.closed_loop("/", &[], event.clone(), c, c * 10, 200)
+            .await?;
+        let (mut k, mut p) = (Vec::new(), Vec::new());
+        let (mut kt, mut pt) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..blocks {
+            let (a, t) = kiln
+                .closed_loop(kiln_path, &[], event.clone(), c, per_block, 200)
+                .await?;
+            k.extend(a.into_iter().map(|a| a.latency));
+            kt += t;
+            let (a, t) = peer
+                .closed_loop("/", &[], event.clone(), c, per_block, 200)
+                .await?;
+            p.extend(a.into_iter().map(|a| a.latency));
+            pt += t;
+        }
+        let (kr, pr) = (
+            k.len() as f64 / kt.as_secs_f64(),
+            p.len() as f64 / pt.as_secs_f64(),
+        );
+        let (ks, ps) = (Summary::of(&k), Summary::of(&p));
+        out.push(Scenario {
+            name: leak(format!("peer-kiln-c{c}")),
+            description: "kiln: warm invoke of examples/hello over HTTP, closed loop, in blocks alternating with wasmtime serve",
+            workload: "examples/hello",
+            payload_bytes: event.len(),
+            concurrency: c,
+            samples: k.len(),
+            figure: Some(format!(
+                "{:.2}× wasmtime serve's throughput, p50 {:.2}×",
+                kr / pr,
+                ks.p50 / ps.p50
+            )),
+            latency_us: ks,
+            throughput_rps: Some(kr),
+        });
+        out.push(Scenario {
+            name: leak(format!("peer-wasmtime-serve-c{c}")),
+            description: "wasmtime serve 48.0.8 (pooling allocator): the same greeting as a wasi:http component, a new instance per request",
+            workload: "benches/peers/noop-http",
+            payload_bytes: event.len(),
+            concurrency: c,
+            samples: p.len(),
+            latency_us: ps,
+            throughput_rps: Some(pr),
+            figure: None,
+        });
+    }
+    Ok(out)
+}
