@@ -63,6 +63,8 @@ Requests are SigV4-signed with the root key in $data_dir/keys/root-credentials:
   curl:      curl -s --aws-sigv4 aws:amz:us-east-1:lambda --user "\$AWS_ACCESS_KEY_ID:\$AWS_SECRET_ACCESS_KEY" \\
                $endpoint/2015-03-31/functions/hello/invocations -d '{"name":"Ada"}'
              (with the two values from that file)
+  console:   $endpoint/console (sign in with the two values from that file)
+  logs:      KILN_DATA_DIR=$data_dir $kiln logs hello --follow --endpoint $endpoint
 
 Press Ctrl-C to stop.
 USAGE

@@ -512,15 +512,43 @@ fn main() -> Result<()> {
             let jail_http = std::sync::Arc::new(Http::new(server.local_addr()));
             server_rt.spawn(server.run(std::future::pending()));
             deploy(&jail_http, "coldv", &hello_zip).await?;
-            suite::cold_versions(&jail_http, "coldv", event, versions).await
+            let samples = suite::cold_versions(&jail_http, "coldv", event, versions).await?;
+            deploy(&jail_http, "dense", &misbehave_zip).await?;
+            let density = suite::density(
+                &jail_http,
+                "dense",
+                "wasm-jail",
+                "tests/functions/misbehave",
+                if args.quick { 4 } else { 40 },
+            )
+            .await?;
+            anyhow::Ok((samples, density))
         };
         match jailed.await {
-            Ok(samples) => scenarios.push(cold_scenario("wasm-jail", "examples/hello", &samples, event.len())),
-            Err(why) => eprintln!("skipping the Wasm-in-the-jail cold start: {why:#}"),
+            Ok((samples, density)) => {
+                scenarios.push(cold_scenario("wasm-jail", "examples/hello", &samples, event.len()));
+                scenarios.push(density);
+            }
+            Err(why) => eprintln!("skipping the Wasm-in-the-jail scenarios: {why:#}"),
         }
-        eprintln!(
-            "no microVM cold start: a Linux guest cannot boot on this machine's KVM (see benches/README.md and kiln doctor)"
-        );
+        // MicroVMs where a guest boots: kiln doctor's probe decides.
+        match microvm_kernel(&data.path().join("doctor")).await {
+            Ok(kernel) => {
+                // Its own process: a microVM's VMM is `kiln vmm`, started
+                // from the server's executable.
+                let server = KilnProcess::start(&data.path().join("data-vm"), &kernel)?;
+                let vm_http = Http::new(server.addr);
+                deploy_as(&vm_http, "coldv", &native_zip, "provided.al2023", "bootstrap").await?;
+                let samples = suite::cold_versions(&vm_http, "coldv", event, versions).await?;
+                scenarios.push(cold_scenario(
+                    "microvm",
+                    "examples/hello (native)",
+                    &samples,
+                    event.len(),
+                ));
+            }
+            Err(why) => eprintln!("skipping the microVM cold start: {why:#}"),
+        }
 
         // Peers, interleaved with kiln on the same work.
         let wasmtime = if args.no_peers {
@@ -568,6 +596,101 @@ fn main() -> Result<()> {
     }
     drop(server_rt);
     Ok(())
+}
+
+/// The `kiln` binary beside this one (built by [`build_native`]).
+fn kiln_exe() -> Result<PathBuf> {
+    Ok(std::env::current_exe()?
+        .parent()
+        .context("the bench binary has a directory")?
+        .join("kiln"))
+}
+
+/// `kiln serve` as a process of its own, on a free loopback port; killed
+/// when dropped.
+struct KilnProcess {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl KilnProcess {
+    fn start(data_dir: &std::path::Path, kernel: &std::path::Path) -> Result<Self> {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(kiln_exe()?)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .arg("--guest-kernel")
+            .arg(kernel)
+            .env("KILN_ROOT_ACCESS_KEY_ID", load::BENCH_KEY.0)
+            .env("KILN_ROOT_SECRET_ACCESS_KEY", load::BENCH_KEY.1)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting kiln serve")?;
+        let stdout = child.stdout.take().context("kiln's stdout")?;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        // It says where it listens once it does.
+        let addr = loop {
+            let Some(line) = lines.next() else {
+                let _ = child.kill();
+                bail!("kiln serve exited before listening");
+            };
+            if let Some(rest) = line?.split("kiln listening on http://").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                break addr.parse().context("kiln's listening address")?;
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for KilnProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The guest kernel, when `kiln doctor`'s probe boots a guest with it here.
+async fn microvm_kernel(scratch: &std::path::Path) -> Result<PathBuf> {
+    let kernel = match std::env::var_os("KILN_GUEST_KERNEL") {
+        Some(k) => PathBuf::from(k),
+        None => {
+            let script = kiln_test_support::workspace_root().join("scripts/build-kernel.sh");
+            let out = std::process::Command::new(&script)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("running {}", script.display()))?;
+            if !out.status.success() {
+                bail!("scripts/build-kernel.sh failed");
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
+        }
+    };
+    let out = std::process::Command::new(kiln_exe()?)
+        .args(["doctor", "--output", "json", "--data-dir"])
+        .arg(scratch)
+        .arg("--guest-kernel")
+        .arg(&kernel)
+        .output()
+        .context("running kiln doctor")?;
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("kiln doctor's report")?;
+    let vm = report["sandboxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == "microvm")
+        .context("kiln doctor reports no microvm sandbox")?;
+    if vm["available"] != true {
+        bail!(
+            "microVMs cannot boot on this machine: {}",
+            vm["detail"].as_str().unwrap_or("no reason given")
+        );
+    }
+    Ok(kernel)
 }
 
 fn cold_scenario(
@@ -836,10 +959,7 @@ fn build_native(krate: &str) -> Result<Vec<u8>> {
     if !status.success() {
         bail!("cargo build -p kiln failed");
     }
-    let kiln = std::env::current_exe()?
-        .parent()
-        .context("the bench binary has a directory")?
-        .join("kiln");
+    let kiln = kiln_exe()?;
     let out = tempfile::tempdir()?;
     let zip = out.path().join("native.zip");
     let status = std::process::Command::new(&kiln)
