@@ -131,6 +131,20 @@ impl Http {
         body: Bytes,
     ) -> Result<(u16, hyper::HeaderMap, Bytes)> {
         let target = self.signed_target(method, path, &body)?;
+        self.send_signed(sender, method, &target, headers, body)
+            .await
+    }
+
+    /// Sends to a target signed beforehand ([`Self::signed_target`]), so
+    /// that the client's signing stays out of the latencies measured.
+    async fn send_signed(
+        &self,
+        sender: &mut SendRequest<Full<Bytes>>,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(u16, hyper::HeaderMap, Bytes)> {
         let mut builder = hyper::Request::builder()
             .method(method)
             .uri(target)
@@ -184,14 +198,18 @@ impl Http {
         let mut sender = self.connect().await?;
         let path = format!("/2015-03-31/functions/{function}/invocations");
         let body = Bytes::from_static(event);
+        let target = self.signed_target("POST", &path, &body)?;
         for _ in 0..warmup {
-            self.send(&mut sender, "POST", &path, body.clone()).await?;
+            self.send_signed(&mut sender, "POST", &target, &[], body.clone())
+                .await?;
         }
         let mut samples = Vec::with_capacity(n);
         let start = Instant::now();
         for _ in 0..n {
             let t = Instant::now();
-            let (status, response) = self.send(&mut sender, "POST", &path, body.clone()).await?;
+            let (status, _, response) = self
+                .send_signed(&mut sender, "POST", &target, &[], body.clone())
+                .await?;
             samples.push(t.elapsed());
             if status != 200 {
                 bail!(
@@ -223,18 +241,20 @@ impl Http {
         total: usize,
         expect: u16,
     ) -> Result<(Vec<Answer>, Duration)> {
+        let target = std::sync::Arc::new(self.signed_target("POST", path, &body)?);
         let start = Instant::now();
         let mut tasks = Vec::new();
         for worker in 0..concurrency {
             let n = total / concurrency + usize::from(worker < total % concurrency);
-            let (http, path, body) = (self.clone(), path.to_owned(), body.clone());
+            let (http, path, body, target) =
+                (self.clone(), path.to_owned(), body.clone(), target.clone());
             tasks.push(tokio::spawn(async move {
                 let mut sender = http.connect().await?;
                 let mut answers = Vec::with_capacity(n);
                 for _ in 0..n {
                     let t = Instant::now();
                     let (status, _, response) = http
-                        .send_with(&mut sender, "POST", &path, headers, body.clone())
+                        .send_signed(&mut sender, "POST", &target, headers, body.clone())
                         .await?;
                     if status != expect {
                         bail!("{path}: {status} {}", String::from_utf8_lossy(&response));
@@ -257,33 +277,38 @@ impl Http {
 
 impl Http {
     /// Requests at `rate` per second for `duration`, each sent at its
-    /// scheduled time on an idle connection (a new one when none is idle);
-    /// every latency counts from the scheduled time. Returns the latencies
-    /// and the most connections used.
+    /// scheduled time on an idle connection (a new one when none is idle),
+    /// whatever the answers so far. Latency counts from the moment a
+    /// request's turn came, so a slow answer delays no later measurement;
+    /// how late the generator itself was (its timer has a 1 ms grain) is
+    /// reported apart.
     pub async fn open_loop(
         self: &std::sync::Arc<Self>,
         path: &str,
         body: Bytes,
         rate: f64,
         duration: Duration,
-    ) -> Result<(Vec<Duration>, usize)> {
+    ) -> Result<OpenLoop> {
         type Pool = std::sync::Arc<std::sync::Mutex<Vec<SendRequest<Full<Bytes>>>>>;
         let pool: Pool = Default::default();
         let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let target = std::sync::Arc::new(self.signed_target("POST", path, &body)?);
         let n = (rate * duration.as_secs_f64()).ceil() as usize;
         let start = tokio::time::Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..n {
             let due = start + Duration::from_secs_f64(i as f64 / rate);
             tokio::time::sleep_until(due).await;
-            let (http, path, body, pool, opened) = (
+            let late = due.elapsed();
+            let (http, body, pool, opened, target) = (
                 self.clone(),
-                path.to_owned(),
                 body.clone(),
                 pool.clone(),
                 opened.clone(),
+                target.clone(),
             );
             tasks.spawn(async move {
+                let sent = Instant::now();
                 let idle = pool.lock().ok().and_then(|mut p| p.pop());
                 let mut sender = match idle {
                     Some(s) => s,
@@ -293,24 +318,44 @@ impl Http {
                     }
                 };
                 let (status, _, response) = http
-                    .send_with(&mut sender, "POST", &path, &[], body)
+                    .send_signed(&mut sender, "POST", &target, &[], body)
                     .await?;
-                let latency = due.elapsed();
+                let latency = sent.elapsed();
                 if status != 200 {
-                    bail!("{path}: {status} {}", String::from_utf8_lossy(&response));
+                    bail!("open loop: {status} {}", String::from_utf8_lossy(&response));
                 }
                 if let Ok(mut p) = pool.lock() {
                     p.push(sender);
                 }
-                anyhow::Ok(latency)
+                anyhow::Ok((latency, late))
             });
         }
         let mut latencies = Vec::with_capacity(n);
+        let mut lateness = Vec::with_capacity(n);
         while let Some(done) = tasks.join_next().await {
-            latencies.push(done??);
+            let (latency, late) = done??;
+            latencies.push(latency);
+            lateness.push(late);
         }
-        Ok((latencies, opened.load(std::sync::atomic::Ordering::Relaxed)))
+        Ok(OpenLoop {
+            latencies,
+            lateness,
+            elapsed: start.elapsed(),
+            connections: opened.load(std::sync::atomic::Ordering::Relaxed),
+        })
     }
+}
+
+/// What an open-loop run measured.
+pub struct OpenLoop {
+    /// Per request, from its turn to its answer.
+    pub latencies: Vec<Duration>,
+    /// Per request, how long after its scheduled time its turn came.
+    pub lateness: Vec<Duration>,
+    /// From the first scheduled send to the last answer.
+    pub elapsed: Duration,
+    /// Most connections used at once.
+    pub connections: usize,
 }
 
 /// `k=v&...` as decoded pairs (bench paths use plain ASCII).

@@ -84,24 +84,53 @@ impl Serve {
             .spawn()
             .with_context(|| format!("starting {}", wasmtime.display()))?;
         let stderr = child.stderr.take().context("wasmtime's stderr")?;
-        // It says where it listens once it does.
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let Some(line) = lines.next() else {
+        match announced_addr(stderr, "http://", Duration::from_secs(60)) {
+            Ok(addr) => Ok(Self { child, addr }),
+            Err(e) => {
                 let _ = child.kill();
-                bail!("wasmtime serve exited before listening");
-            };
-            let line = line?;
-            if let Some(rest) = line.split("http://").nth(1) {
-                let addr = rest.trim_end_matches('/').trim();
-                break addr
-                    .parse::<SocketAddr>()
-                    .with_context(|| format!("wasmtime serve said {line:?}"))?;
+                let _ = child.wait();
+                Err(e.context("wasmtime serve"))
             }
-        };
-        // Keep draining its stderr so that it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Ok(Self { child, addr })
+        }
+    }
+}
+
+/// Reads `reader` on a thread of its own until a line says where a server
+/// listens (the address after `marker`), and keeps draining it after, so
+/// that the process never blocks on a full pipe. Gives up after `timeout`,
+/// or when the stream ends first.
+pub fn announced_addr(
+    reader: impl std::io::Read + Send + 'static,
+    marker: &'static str,
+    timeout: Duration,
+) -> Result<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut announced = false;
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if !announced && let Some(rest) = line.split(marker).nth(1) {
+                let addr = rest
+                    .split(|c: char| c.is_whitespace() || c == '/')
+                    .next()
+                    .unwrap_or_default();
+                let _ = tx.send(
+                    addr.parse::<SocketAddr>()
+                        .map_err(|e| format!("{line:?}: {e}")),
+                );
+                announced = true;
+            }
+        }
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(addr)) => Ok(addr),
+        Ok(Err(e)) => bail!("no address in what it said: {e}"),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            bail!("it said nowhere it listens within {} s", timeout.as_secs())
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            bail!("it exited before it listened")
+        }
     }
 }
 

@@ -245,14 +245,21 @@ pub mod log {
             Level::Warn => "WARN",
             Level::Error => "ERROR",
         };
+        // Escaped as kiln's Wasm runtime escapes them, so that a line is
+        // one line and its tabs separate only its columns.
+        let escape = |s: &str| {
+            s.replace('\n', "\\n")
+                .replace('\r', "\\r")
+                .replace('\t', "\\t")
+        };
         let mut line = format!(
             "{}\t{}\t{level}\t{}",
             crate::native::timestamp(),
             crate::native::current_request_id().unwrap_or_else(|| "-".into()),
-            message.replace('\n', "\\n")
+            escape(message)
         );
         for (k, v) in fields {
-            line.push_str(&format!("\t{k}={v}"));
+            line.push_str(&format!("\t{}={}", escape(k), escape(v)));
         }
         println!("{line}");
     }

@@ -34,6 +34,11 @@ def call(op, url, method="GET", body=None, headers=None):
         return e.code, e.headers, json.loads(raw) if raw.startswith(b"{") else raw
 
 
+def trail(server):
+    path = server.data_dir / "audit" / "records.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def login(server, op, key_id=ACCESS_KEY, secret=SECRET_KEY):
     return call(op, server.endpoint + "/console/login", "POST",
                 json.dumps({"AccessKeyId": key_id, "SecretAccessKey": secret}).encode(),
@@ -106,10 +111,25 @@ def test_a_session_reads_as_its_key_and_changes_nothing(server, lam, deployed, t
     status, headers, _ = call(viewer, server.endpoint + "/2015-03-31/functions")
     assert (status, headers["x-amzn-ErrorType"]) == (403, "UnrecognizedClientException")
 
-    # Sign-ins are in the audit trail, the refused one too.
-    trail = [json.loads(line) for line in (server.data_dir / "audit" / "records.jsonl").read_text().splitlines()]
-    logins = [r for r in trail if r.get("action") == "ConsoleLogin"]
+    # Sign-ins with a key that exists are in the audit trail, the refused
+    # one too; a name that is no key is not (it may be a pasted secret).
+    assert login(server, opener(), "not-a-key-id", "x")[0] == 403
+    logins = [r for r in trail(server) if r.get("action") == "ConsoleLogin"]
     assert [r["status"] for r in logins][-3:] == [403, 204, 204]
+    assert not any("not-a-key-id" in json.dumps(r) for r in trail(server))
+    # A sign-in is small: a large body is refused before it is read whole.
+    status, headers, _ = call(opener(), server.endpoint + "/console/login", "POST", b"{" + b" " * 10_000 + b"}",
+                              {"Content-Type": "application/json"})
+    assert (status, headers["x-amzn-ErrorType"]) == (413, "RequestEntityTooLargeException")
+
+    # A console's reads are recorded once per resource and window, however
+    # often its page polls.
+    reads = lambda: [r for r in trail(server) if r.get("action") == "GetFunction"
+                     and r.get("principal") == "arn:aws:iam::000000000000:root"]
+    before = len(reads())
+    for _ in range(3):
+        assert call(op, f"{server.endpoint}/2015-03-31/functions/{name}")[0] == 200
+    assert len(reads()) == before + 1
 
 
 def test_activity_counts_the_invocations_and_finds_their_logs(server, deployed):

@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::{ApiError, AppState, json_body};
+use super::{ApiError, AppState};
 
 /// The page, built into the binary.
 const PAGE: &str = include_str!("../console/index.html");
@@ -34,13 +34,32 @@ pub(crate) const COOKIE: &str = "kiln_console";
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Most sessions held at once; the oldest go first.
 const MAX_SESSIONS: usize = 1024;
+/// Most sessions of one key; its oldest go first, so that one key cannot
+/// sign everyone else out.
+const MAX_SESSIONS_PER_KEY: usize = 16;
+/// Largest sign-in body: two short strings.
+const MAX_LOGIN_BODY: usize = 4096;
+/// Refused sign-ins a source may make per minute before it must wait.
+const FAILURES_PER_MINUTE: u32 = 10;
+/// A console's read of one resource is recorded in the audit trail once
+/// per this long: the page polls, and the trail needs who looked at what,
+/// not every poll.
+const READ_AUDIT_WINDOW: Duration = Duration::from_secs(600);
 
 /// Console sessions: token digest → access key id and expiry. Only a
 /// digest of each token is held, so a memory dump gives no usable cookie.
 #[derive(Debug, Default)]
 pub struct Sessions {
     map: Mutex<HashMap<[u8; 32], Session>>,
+    /// Refused sign-ins per source address: (minute started, count).
+    failures: Mutex<HashMap<std::net::IpAddr, (Instant, u32)>>,
+    /// When each (session, operation, resource) read was last recorded.
+    audited: Mutex<HashMap<ReadKey, Instant>>,
 }
+
+/// A console read as the audit trail counts it: (session token digest,
+/// operation, resource).
+type ReadKey = ([u8; 32], &'static str, String);
 
 #[derive(Debug, Clone)]
 struct Session {
@@ -69,10 +88,25 @@ impl Sessions {
         let now = Instant::now();
         let mut map = self.lock();
         map.retain(|_, s| s.expires > now);
-        if map.len() >= MAX_SESSIONS
-            && let Some(oldest) = map.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| *k)
+        let oldest = |map: &HashMap<[u8; 32], Session>, key: Option<&str>| {
+            map.iter()
+                .filter(|(_, s)| key.is_none_or(|k| s.access_key_id == k))
+                .min_by_key(|(_, s)| s.expires)
+                .map(|(k, _)| *k)
+        };
+        let of_key = map
+            .values()
+            .filter(|s| s.access_key_id == access_key_id)
+            .count();
+        if of_key >= MAX_SESSIONS_PER_KEY
+            && let Some(k) = oldest(&map, Some(access_key_id))
         {
-            map.remove(&oldest);
+            map.remove(&k);
+        }
+        if map.len() >= MAX_SESSIONS
+            && let Some(k) = oldest(&map, None)
+        {
+            map.remove(&k);
         }
         map.insert(
             digest(&token),
@@ -100,6 +134,47 @@ impl Sessions {
 
     fn close(&self, token: &str) {
         self.lock().remove(&digest(token));
+    }
+
+    /// Whether `source` may try to sign in now (it has not been refused
+    /// [`FAILURES_PER_MINUTE`] times in the last minute).
+    fn may_try(&self, source: Option<std::net::IpAddr>) -> bool {
+        let Some(ip) = source else { return true };
+        let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&ip).is_none_or(|(since, n)| {
+            since.elapsed() >= Duration::from_secs(60) || *n < FAILURES_PER_MINUTE
+        })
+    }
+
+    fn refused(&self, source: Option<std::net::IpAddr>) {
+        let Some(ip) = source else { return };
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            map.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+        }
+        let entry = map.entry(ip).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= Duration::from_secs(60) {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+
+    /// Whether this session's read of `resource` by `operation` should go
+    /// in the audit trail: the first in each [`READ_AUDIT_WINDOW`].
+    pub(crate) fn audit_read(&self, token: &str, operation: &'static str, resource: &str) -> bool {
+        let key = (digest(token), operation, resource.to_owned());
+        let mut map = self.audited.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if map.len() > 10_000 {
+            map.retain(|_, at| now.duration_since(*at) < READ_AUDIT_WINDOW);
+        }
+        match map.get(&key) {
+            Some(at) if now.duration_since(*at) < READ_AUDIT_WINDOW => false,
+            _ => {
+                map.insert(key, now);
+                true
+            }
+        }
     }
 }
 
@@ -163,10 +238,23 @@ pub(super) struct Login {
 /// session cookie for a long-term access key. JSON only, so that no other
 /// site's form can sign a browser in.
 pub(super) async fn login(State(s): State<AppState>, request: Request) -> Response {
-    let source = request
+    let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map_or_else(|| "unknown".to_owned(), |c| c.0.to_string());
+        .map(|c| c.0);
+    let source = peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+    let ip = peer.map(|a| a.ip());
+    if !s.console.may_try(ip) {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequestsException",
+            format!(
+                "More than {FAILURES_PER_MINUTE} refused sign-ins from this address in a minute: \
+                 wait a minute"
+            ),
+        )
+        .into_response();
+    }
     let (id, response) = match sign_in(&s, request).await {
         Ok((id, token)) => {
             let mut response = StatusCode::NO_CONTENT.into_response();
@@ -175,14 +263,18 @@ pub(super) async fn login(State(s): State<AppState>, request: Request) -> Respon
                 .insert(header::SET_COOKIE, cookie(&token, SESSION_TTL.as_secs()));
             (id, response)
         }
-        Err((id, e)) => (id, e.into_response()),
+        Err((id, e)) => {
+            s.console.refused(ip);
+            (id, e.into_response())
+        }
     };
-    // Every sign-in, kept or refused, is in the audit trail, under the key
-    // it named (its principal when the key exists).
-    let principal = s
-        .auth
-        .by_key(&id)
-        .map_or_else(|_| format!("unknown key {id}"), |c| c.identity.arn);
+    // Sign-ins with a key that exists, kept or refused, are in the audit
+    // trail under its principal. A name that is no key is not recorded:
+    // it may be a secret pasted into the wrong field, and anyone can send
+    // one, so it must not cost a durable write.
+    let Ok(caller) = s.auth.by_key(&id) else {
+        return response;
+    };
     let op = crate::auth::operations::Operation {
         name: "ConsoleLogin",
         action: "kiln:ConsoleLogin".to_owned(),
@@ -192,7 +284,7 @@ pub(super) async fn login(State(s): State<AppState>, request: Request) -> Respon
         mutating: true,
     };
     let params = serde_json::json!({ "AccessKeyId": id });
-    let entry = super::guard::entry(&principal, &source, &op, params, &response);
+    let entry = super::guard::entry(&caller.identity.arn, &source, &op, params, &response);
     match super::guard::record(&s, entry).await {
         Ok(()) => response,
         Err(failed) => failed,
@@ -216,9 +308,24 @@ async fn sign_in(s: &AppState, request: Request) -> Result<(String, String), (St
             ),
         ));
     }
-    let req: Login = json_body(request.into_body(), "Login")
-        .await
-        .map_err(|e| (String::new(), e))?;
+    // Anyone may send this: a small body, read within a small limit.
+    let bytes = super::read_body(request.into_body(), MAX_LOGIN_BODY, || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLargeException",
+            format!("A sign-in must be smaller than {MAX_LOGIN_BODY} bytes"),
+        )
+    })
+    .await
+    .map_err(|e| (String::new(), e))?;
+    let req: Login = serde_json::from_slice(&bytes).map_err(|e| {
+        (
+            String::new(),
+            ApiError::invalid_content(format!(
+                "Sign in with {{\"AccessKeyId\": ..., \"SecretAccessKey\": ...}}: {e}"
+            )),
+        )
+    })?;
     let id = req.access_key_id.chars().take(128).collect::<String>();
     let auth = s.auth.clone();
     let key = id.clone();
@@ -286,6 +393,39 @@ mod tests {
         assert_eq!(s.resolve("forged"), None);
         s.close(&t);
         assert_eq!(s.resolve(&t), None);
+    }
+
+    #[test]
+    fn one_key_cannot_sign_everyone_out() {
+        let s = Sessions::default();
+        let other = s.open("AKIAOTHER").unwrap();
+        let first = s.open("AKIA1").unwrap();
+        for _ in 0..MAX_SESSIONS_PER_KEY {
+            s.open("AKIA1").unwrap();
+        }
+        assert_eq!(s.resolve(&first), None, "the key's oldest session went");
+        assert_eq!(s.resolve(&other).as_deref(), Some("AKIAOTHER"));
+    }
+
+    #[test]
+    fn refused_sign_ins_are_limited_per_source() {
+        let s = Sessions::default();
+        let ip = Some(std::net::IpAddr::from([127, 0, 0, 9]));
+        for _ in 0..FAILURES_PER_MINUTE {
+            assert!(s.may_try(ip));
+            s.refused(ip);
+        }
+        assert!(!s.may_try(ip));
+        assert!(s.may_try(Some(std::net::IpAddr::from([127, 0, 0, 10]))));
+    }
+
+    #[test]
+    fn a_read_is_audited_once_per_window() {
+        let s = Sessions::default();
+        assert!(s.audit_read("t", "GetFunction", "arn:f"));
+        assert!(!s.audit_read("t", "GetFunction", "arn:f"));
+        assert!(s.audit_read("t", "GetFunction", "arn:g"));
+        assert!(s.audit_read("u", "GetFunction", "arn:f"));
     }
 
     #[test]

@@ -237,9 +237,9 @@ pub(super) async fn delete_alias(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /kiln/functions/{name}/logs?since=MS&filter=TEXT&limit=N&requestId=ID`:
+/// `GET /kiln/functions/{name}/logs?since=MS&filter=TEXT&limit=N&requestId=ID&stream=S`:
 /// the function's log events, oldest first (the latest `limit`, 1,000
-/// unless asked), or one invocation's.
+/// unless asked), or one invocation's; of one stream when `stream` is set.
 pub(super) async fn function_logs(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -277,6 +277,7 @@ pub(super) async fn function_logs(
         filter: params.get("filter").filter(|f| !f.is_empty()).cloned(),
         limit,
         request_id,
+        stream: params.get("stream").filter(|s| !s.is_empty()).cloned(),
     };
     let Some(store) = s.data.logs().cloned() else {
         return Err(ApiError::internal(

@@ -42,12 +42,16 @@ pub(crate) async fn guard(
     // signature of its own: reads only, checked once the operation is known.
     let signed = parts
         .headers
-        .contains_key(axum::http::header::AUTHORIZATION)
+        .get(axum::http::header::AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes().starts_with(b"AWS4-"))
         || parts
             .uri
             .query()
             .is_some_and(|q| q.contains("X-Amz-Signature="));
-    let console = match super::console::session_cookie(&parts.headers).filter(|_| !signed) {
+    let console_token = super::console::session_cookie(&parts.headers)
+        .filter(|_| !signed)
+        .map(str::to_owned);
+    let console = match console_token.as_deref() {
         Some(token) => match console_caller(&state, token) {
             Ok(caller) => Some(caller),
             Err(refused) => return refused.into_response(),
@@ -106,9 +110,12 @@ pub(crate) async fn guard(
         )
         .into_response();
     }
-    // Invocations are the data plane; everything else is recorded, except
-    // a console's reads (its page polls them; its sign-in is recorded).
-    let audited = op.name != "InvokeFunction" && !from_console;
+    // Invocations are the data plane; everything else is recorded, a
+    // console's reads once per resource and window (its page polls them).
+    let audited = op.name != "InvokeFunction"
+        && console_token
+            .as_deref()
+            .is_none_or(|t| state.console.audit_read(t, op.name, &op.resource));
     let params = if audited {
         audit_params(parts.uri.query(), &bytes)
     } else {

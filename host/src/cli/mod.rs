@@ -241,6 +241,7 @@ pub enum ProvisionedCommand {
         /// A published version or an alias (not $LATEST).
         qualifier: String,
         /// Environments to keep initialized (1 or more).
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
         count: u32,
         /// Return once the setting is accepted, without waiting.
         #[arg(long)]

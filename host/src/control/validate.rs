@@ -89,18 +89,20 @@ pub fn logging(
             other => return Err(enum_error("logFormat", other, "JSON, Text")),
         };
     }
-    let application = match &input.application_log_level {
-        Some(v) => Some(
-            LogLevel::parse(v)
-                .filter(|_| v.chars().all(|c| c.is_ascii_uppercase()))
-                .ok_or_else(|| {
-                    enum_error(
-                        "applicationLogLevel",
-                        v,
-                        "TRACE, DEBUG, INFO, WARN, ERROR, FATAL",
-                    )
-                })?,
-        ),
+    let application = match input.application_log_level.as_deref() {
+        Some("TRACE") => Some(LogLevel::Trace),
+        Some("DEBUG") => Some(LogLevel::Debug),
+        Some("INFO") => Some(LogLevel::Info),
+        Some("WARN") => Some(LogLevel::Warn),
+        Some("ERROR") => Some(LogLevel::Error),
+        Some("FATAL") => Some(LogLevel::Fatal),
+        Some(v) => {
+            return Err(enum_error(
+                "applicationLogLevel",
+                v,
+                "TRACE, DEBUG, INFO, WARN, ERROR, FATAL",
+            ));
+        }
         None => None,
     };
     let system = match input.system_log_level.as_deref() {

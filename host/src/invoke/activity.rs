@@ -5,9 +5,10 @@
 //!
 //! Prometheus counters answer "how many since start"; a chart needs "how
 //! many in each period", which a scrape-less server must keep itself. Only
-//! periods with activity hold a duration histogram, and periods older than
-//! the window are dropped on every write and read, so an idle function
-//! costs nothing and a busy one a bounded amount.
+//! periods with activity are kept, each with a duration histogram, and
+//! periods older than the window are dropped whenever the function is
+//! written or read: a function holds at most one window's periods (about
+//! 80 KiB when every period was busy) and its last 50 invocations.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -88,7 +89,7 @@ pub struct Period {
     pub p99_ms: Option<f64>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Bucket {
     /// Period number (seconds since the epoch / PERIOD_SECONDS).
     period: i64,
@@ -246,9 +247,22 @@ impl Activity {
     pub fn report(&self, function: &str) -> Report {
         let now_period = now_ms().div_euclid(1000 * PERIOD_SECONDS);
         let first = now_period - PERIODS as i64 + 1;
-        let map = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        let a = map.get(function);
-        let mut kept = a.map(|a| a.buckets.iter().peekable());
+        // Copied out under the lock, ranked after it: invocations take the
+        // same lock.
+        let (kept, recent): (Vec<Bucket>, Vec<Recent>) = {
+            let mut map = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get_mut(function) {
+                Some(a) => {
+                    a.prune(now_period);
+                    (
+                        a.buckets.iter().cloned().collect(),
+                        a.recent.iter().cloned().collect(),
+                    )
+                }
+                None => (Vec::new(), Vec::new()),
+            }
+        };
+        let mut kept = kept.into_iter().peekable();
         let mut buckets = Vec::with_capacity(PERIODS);
         for period in first..=now_period {
             let mut out = Period {
@@ -262,29 +276,25 @@ impl Activity {
                 p90_ms: None,
                 p99_ms: None,
             };
-            if let Some(it) = kept.as_mut() {
-                while it.peek().is_some_and(|b| b.period < period) {
-                    it.next();
-                }
-                if let Some(b) = it.peek().filter(|b| b.period == period) {
-                    out.invocations = b.invocations;
-                    out.errors = b.errors;
-                    out.throttles = b.throttles;
-                    out.cold_starts = b.cold_starts;
-                    out.max_concurrency = b.max_concurrency;
-                    out.p50_ms = b.percentile(0.50);
-                    out.p90_ms = b.percentile(0.90);
-                    out.p99_ms = b.percentile(0.99);
-                }
+            while kept.peek().is_some_and(|b| b.period < period) {
+                kept.next();
+            }
+            if let Some(b) = kept.peek().filter(|b| b.period == period) {
+                out.invocations = b.invocations;
+                out.errors = b.errors;
+                out.throttles = b.throttles;
+                out.cold_starts = b.cold_starts;
+                out.max_concurrency = b.max_concurrency;
+                out.p50_ms = b.percentile(0.50);
+                out.p90_ms = b.percentile(0.90);
+                out.p99_ms = b.percentile(0.99);
             }
             buckets.push(out);
         }
         Report {
             period_seconds: PERIOD_SECONDS,
             buckets,
-            recent: a
-                .map(|a| a.recent.iter().cloned().collect())
-                .unwrap_or_default(),
+            recent,
         }
     }
 }

@@ -54,12 +54,24 @@ fn sdk_line(line: &str) -> Option<serde_json::Value> {
         "requestId": request_id,
         "message": message,
     });
-    for field in parts {
-        let (k, v) = field.split_once('=')?;
-        if !matches!(k, "timestamp" | "level" | "requestId" | "message") {
-            event[k] = serde_json::Value::String(v.to_owned());
+    // Fields are `key=value`; a part that is not one belongs to the
+    // message (a tab the writer did not escape).
+    let mut message = message.to_owned();
+    for part in parts {
+        match part.split_once('=') {
+            Some((k, v))
+                if !k.is_empty()
+                    && !matches!(k, "timestamp" | "level" | "requestId" | "message") =>
+            {
+                event[k] = serde_json::Value::String(v.to_owned());
+            }
+            _ => {
+                message.push('\t');
+                message.push_str(part);
+            }
         }
     }
+    event["message"] = serde_json::Value::String(message);
     Some(event)
 }
 
@@ -336,14 +348,14 @@ mod tests {
         log.start("$LATEST");
         log.raw(b"info line\n{\"level\":\"warning\",\"message\":\"w\"}\n");
         log.raw(b"2026-11-23T10:00:00.000Z\tid-3\tINFO\tsdk info\n");
-        log.raw(b"2026-11-23T10:00:00.000Z\tid-3\tERROR\tsdk error\tk=v\n");
+        log.raw(b"2026-11-23T10:00:00.000Z\tid-3\tERROR\tsdk error\tk=v\ttabbed part\n");
         log.finish(&r, Status::Success, Duration::from_millis(1), 1, None);
         let l = lines(&log);
         assert_eq!(l.len(), 2, "{l:?}");
         assert!(l[0].contains("\"message\":\"w\""));
         let sdk: serde_json::Value = serde_json::from_str(&l[1]).unwrap();
         assert_eq!(sdk["level"], "ERROR");
-        assert_eq!(sdk["message"], "sdk error");
+        assert_eq!(sdk["message"], "sdk error\ttabbed part");
         assert_eq!(sdk["requestId"], "id-3");
         assert_eq!(sdk["k"], "v");
     }

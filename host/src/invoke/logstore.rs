@@ -55,6 +55,8 @@ pub struct LogQuery {
     /// Only the lines of this invocation (START to REPORT), whatever
     /// `filter` says.
     pub request_id: Option<String>,
+    /// Only this stream.
+    pub stream: Option<String>,
 }
 
 struct Batch {
@@ -163,6 +165,9 @@ fn read_function(dir: &Path, query: &LogQuery) -> io::Result<Vec<LogEvent>> {
         let Some(stream) = stream_name(&file) else {
             continue;
         };
+        if query.stream.as_ref().is_some_and(|s| *s != stream) {
+            continue;
+        }
         // A stream last written before `since` has nothing to give: a
         // follower's polls read only the streams still being written.
         if let Some(since) = query.since_ms
@@ -376,6 +381,7 @@ mod tests {
                 filter: Some("hello".into()),
                 limit: 100,
                 request_id: None,
+                stream: None,
             },
         )
         .unwrap();

@@ -936,7 +936,11 @@ fn lambda_environment(
         ),
         (
             "AWS_LAMBDA_LOG_GROUP_NAME".to_owned(),
-            format!("/aws/lambda/{}", record.name),
+            record
+                .logging
+                .log_group
+                .clone()
+                .unwrap_or_else(|| format!("/aws/lambda/{}", record.name)),
         ),
         ("AWS_LAMBDA_LOG_STREAM_NAME".to_owned(), stream.to_owned()),
         (
@@ -951,6 +955,15 @@ fn lambda_environment(
         ("TZ".to_owned(), ":UTC".to_owned()),
         ("LANG".to_owned(), "en_US.UTF-8".to_owned()),
     ];
+    // As Lambda tells its runtimes, so that a runtime client can write JSON
+    // and filter by level itself.
+    if record.logging.json {
+        env.push(("AWS_LAMBDA_LOG_FORMAT".to_owned(), "JSON".to_owned()));
+        env.push((
+            "AWS_LAMBDA_LOG_LEVEL".to_owned(),
+            record.logging.application_level().as_str().to_owned(),
+        ));
+    }
     match crate::control::runtimes::lookup(&record.runtime).map(|r| r.family) {
         Some(crate::control::runtimes::Family::Native) => env.extend([
             (

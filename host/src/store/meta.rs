@@ -149,6 +149,8 @@ const MIGRATIONS: &[&str] = &[
         record     TEXT NOT NULL
     ) STRICT;
     CREATE INDEX destination_records_function ON destination_records (function, id);",
+    // 4: events by function, for a function's pending count (the console).
+    "CREATE INDEX events_function ON events (function);",
 ];
 
 /// The metadata store.
