@@ -71,13 +71,9 @@ impl Serve {
     /// allocator (as the reference figures were taken).
     pub fn start(wasmtime: &Path, component: &Path) -> Result<Self> {
         let mut child = Command::new(wasmtime)
-            .args([
-                "serve",
-                "--addr",
-                "127.0.0.1:0",
-                "-O",
-                "pooling-allocator=y",
-            ])
+            // `-S cli`: the component's std reads its environment.
+            .args(["serve", "--addr", "127.0.0.1:0", "-S", "cli=y"])
+            .args(["-O", "pooling-allocator=y"])
             .arg(component)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
