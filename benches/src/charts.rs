@@ -229,7 +229,7 @@ pub fn draw(dir: &Path, scenarios: &[Scenario]) -> Result<Vec<PathBuf>> {
     let levels: Vec<usize> = crate::suite::LEVELS
         .iter()
         .copied()
-        .filter(|c| find(scenarios, &format!("peer-kiln-c{c}")).is_some())
+        .filter(|c| find(scenarios, &format!("peer-kiln-vs-wasmtime-serve-c{c}")).is_some())
         .collect();
     let peers_path = dir.join("peers.svg");
     let rate = |name: String| {
@@ -237,30 +237,43 @@ pub fn draw(dir: &Path, scenarios: &[Scenario]) -> Result<Vec<PathBuf>> {
             .and_then(|s| s.throughput_rps)
             .unwrap_or(0.0)
     };
+    let mut series = vec![
+        (
+            "kiln",
+            levels
+                .iter()
+                .map(|c| rate(format!("peer-kiln-vs-wasmtime-serve-c{c}")))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "wasmtime serve",
+            levels
+                .iter()
+                .map(|c| rate(format!("peer-wasmtime-serve-c{c}")))
+                .collect(),
+        ),
+    ];
+    if levels
+        .iter()
+        .all(|c| find(scenarios, &format!("peer-axum-hello-c{c}")).is_some())
+    {
+        series.push((
+            "bare axum (no sandbox)",
+            levels
+                .iter()
+                .map(|c| rate(format!("peer-axum-hello-c{c}")))
+                .collect(),
+        ));
+    }
     if bars(
         &peers_path,
-        "kiln and wasmtime serve, same work, same run",
+        "kiln and its peers, same work, same run",
         "requests/s",
         &levels
             .iter()
             .map(|c| format!("concurrency {c}"))
             .collect::<Vec<_>>(),
-        &[
-            (
-                "kiln",
-                levels
-                    .iter()
-                    .map(|c| rate(format!("peer-kiln-c{c}")))
-                    .collect(),
-            ),
-            (
-                "wasmtime serve",
-                levels
-                    .iter()
-                    .map(|c| rate(format!("peer-wasmtime-serve-c{c}")))
-                    .collect(),
-            ),
-        ],
+        &series,
     )? {
         written.push(peers_path);
     }

@@ -567,7 +567,15 @@ fn main() -> Result<()> {
                 let compared = async {
                     let serve = peers::Serve::start(&wasmtime, &peer_component)?;
                     let peer = std::sync::Arc::new(Http::unsigned(serve.addr));
-                    peers::compare(&http, &peer, noop.clone(), &[1, 16], args.quick).await
+                    peers::compare(
+                        &http,
+                        &peer,
+                        &peers::WASMTIME_SERVE,
+                        noop.clone(),
+                        &[1, 16],
+                        args.quick,
+                    )
+                    .await
                 };
                 match compared.await {
                     Ok(mut s) => scenarios.append(&mut s),
@@ -575,6 +583,18 @@ fn main() -> Result<()> {
                 }
             }
             Err(why) => eprintln!("skipping the wasmtime serve comparison: {why:#}"),
+        }
+
+        // A bare axum server on kiln's runtime: the HTTP stack's ceiling.
+        let axum = async {
+            let addr = server_rt.spawn(peers::axum_hello()).await??;
+            let peer = std::sync::Arc::new(Http::unsigned(addr));
+            peers::compare(&http, &peer, &peers::AXUM_HELLO, noop.clone(), &[1, 16], args.quick)
+                .await
+        };
+        match axum.await {
+            Ok(mut s) => scenarios.append(&mut s),
+            Err(why) => eprintln!("skipping the bare axum comparison: {why:#}"),
         }
 
         // The VMM on this machine's KVM with the no_std test guest (a

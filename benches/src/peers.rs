@@ -137,11 +137,62 @@ impl Drop for Serve {
     }
 }
 
+/// A peer as the report names it.
+pub struct Peer {
+    /// In scenario names: `wasmtime-serve`.
+    pub key: &'static str,
+    /// For people: `wasmtime serve`.
+    pub label: &'static str,
+    pub description: &'static str,
+    pub workload: &'static str,
+}
+
+/// `wasmtime serve` with the greeting component.
+pub const WASMTIME_SERVE: Peer = Peer {
+    key: "wasmtime-serve",
+    label: "wasmtime serve",
+    description: "wasmtime serve 48.0.8 (pooling allocator): the same greeting as a wasi:http component, a new instance per request",
+    workload: "benches/peers/noop-http",
+};
+
+/// A bare axum server answering the greeting: the HTTP stack's ceiling
+/// with this load generator, no sandbox at all.
+pub const AXUM_HELLO: Peer = Peer {
+    key: "axum-hello",
+    label: "bare axum",
+    description: "axum 0.8 on the server's runtime: parse the JSON body, answer the greeting; no sandbox, no signature",
+    workload: "a Rust handler",
+};
+
+/// Serves the greeting with axum on the current runtime, on a free
+/// loopback port.
+pub async fn axum_hello() -> Result<SocketAddr> {
+    #[derive(serde::Deserialize)]
+    struct Event {
+        name: Option<String>,
+    }
+    async fn greet(body: Bytes) -> axum::Json<serde_json::Value> {
+        let name = serde_json::from_slice::<Event>(&body)
+            .ok()
+            .and_then(|e| e.name)
+            .unwrap_or_else(|| "world".to_owned());
+        axum::Json(serde_json::json!({ "greeting": format!("Hello, {name}!") }))
+    }
+    let app = axum::Router::new().route("/", axum::routing::post(greet));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
+}
+
 /// kiln invoking `examples/hello` and the peer serving the same work, at
 /// each concurrency of `levels`, in alternating blocks.
 pub async fn compare(
     kiln: &Arc<Http>,
     peer: &Arc<Http>,
+    who: &Peer,
     event: Bytes,
     levels: &[usize],
     quick: bool,
@@ -174,24 +225,25 @@ pub async fn compare(
         );
         let (ks, ps) = (Summary::of(&k), Summary::of(&p));
         out.push(Scenario {
-            name: leak(format!("peer-kiln-c{c}")),
-            description: "kiln: warm invoke of examples/hello over HTTP, closed loop, in blocks alternating with wasmtime serve",
+            name: leak(format!("peer-kiln-vs-{}-c{c}", who.key)),
+            description: "kiln: warm invoke of examples/hello over HTTP, closed loop, in blocks alternating with the peer",
             workload: "examples/hello",
             payload_bytes: event.len(),
             concurrency: c,
             samples: k.len(),
             figure: Some(format!(
-                "{:.2}× wasmtime serve's throughput, p50 {:.2}×",
+                "{:.2}× {}'s throughput, p50 {:.2}×",
                 kr / pr,
+                who.label,
                 ks.p50 / ps.p50
             )),
             latency_us: ks,
             throughput_rps: Some(kr),
         });
         out.push(Scenario {
-            name: leak(format!("peer-wasmtime-serve-c{c}")),
-            description: "wasmtime serve 48.0.8 (pooling allocator): the same greeting as a wasi:http component, a new instance per request",
-            workload: "benches/peers/noop-http",
+            name: leak(format!("peer-{}-c{c}", who.key)),
+            description: who.description,
+            workload: who.workload,
             payload_bytes: event.len(),
             concurrency: c,
             samples: p.len(),
