@@ -20,6 +20,20 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("drawing a chart: {e}")
 }
 
+/// Draws the legend and writes the file.
+fn legend_and_save<'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
 /// The scenario named `name`, if the run had it.
 fn find<'a>(scenarios: &'a [Scenario], name: &str) -> Option<&'a Scenario> {
     scenarios.iter().find(|s| s.name == name)
@@ -91,13 +105,7 @@ fn over_concurrency(
             )
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
+    legend_and_save(&mut chart, &root)?;
     Ok(true)
 }
 
@@ -155,13 +163,7 @@ fn bars(
             .label(*label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled()));
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
+    legend_and_save(&mut chart, &root)?;
     Ok(true)
 }
 

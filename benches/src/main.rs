@@ -111,16 +111,10 @@ fn main() -> Result<()> {
         .enable_all()
         .thread_name("kiln-server")
         .build()?;
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: data.path().join("data"),
-        root_credentials: Some((load::BENCH_KEY.0.to_owned(), load::BENCH_KEY.1.to_owned())),
-        ..ServerConfig::new()
-    };
-    let server = server_rt.block_on(Server::start(config))?;
-    let addr = server.local_addr();
-    let state = server.state();
-    server_rt.spawn(server.run(std::future::pending()));
+    let (addr, state) = server_rt.block_on(start_server(
+        &server_rt,
+        bench_config(data.path().join("data")),
+    ))?;
 
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -138,14 +132,7 @@ fn main() -> Result<()> {
         let data_plane = state.data.clone();
         let samples = server_rt
             .spawn(async move {
-                let input = InvokeInput {
-                    name: "hello".into(),
-                    qualifier: None,
-                    payload: bytes::Bytes::from_static(event),
-                    log_tail: false,
-                    trace_id: None,
-                    request_id: None,
-                };
+                let input = hello_input(event);
                 for _ in 0..200 {
                     data_plane.invoke(input.clone()).await?;
                 }
@@ -192,29 +179,18 @@ fn main() -> Result<()> {
         // invocation: a second server with --telemetry off, measured in
         // alternating blocks with the first so that drift hits both alike.
         let quiet_config = ServerConfig {
-            listen: "127.0.0.1:0".parse()?,
-            data_dir: data.path().join("data-quiet"),
-            root_credentials: Some((load::BENCH_KEY.0.to_owned(), load::BENCH_KEY.1.to_owned())),
             telemetry: false,
-            ..ServerConfig::new()
+            ..bench_config(data.path().join("data-quiet"))
         };
-        let quiet = server_rt.spawn(Server::start(quiet_config)).await??;
-        let quiet_http = Http::new(quiet.local_addr());
-        let quiet_plane = quiet.state().data.clone();
-        server_rt.spawn(quiet.run(std::future::pending()));
+        let (quiet_addr, quiet_state) = start_server(&server_rt, quiet_config).await?;
+        let quiet_http = Http::new(quiet_addr);
+        let quiet_plane = quiet_state.data.clone();
         deploy(&quiet_http, "hello", &hello_zip).await?;
         let (blocks, per_block) = if args.quick { (4, 50) } else { (40, 500) };
         let (on_plane, off_plane) = (state.data.clone(), quiet_plane);
         let (on, off) = server_rt
             .spawn(async move {
-                let input = InvokeInput {
-                    name: "hello".into(),
-                    qualifier: None,
-                    payload: bytes::Bytes::from_static(event),
-                    log_tail: false,
-                    trace_id: None,
-                    request_id: None,
-                };
+                let input = hello_input(event);
                 for _ in 0..200 {
                     off_plane.invoke(input.clone()).await?;
                 }
@@ -501,16 +477,12 @@ fn main() -> Result<()> {
         }
         // Wasm in the jail: a server that places Wasm functions there.
         let jail_config = ServerConfig {
-            listen: "127.0.0.1:0".parse()?,
-            data_dir: data.path().join("data-jail"),
-            root_credentials: Some((load::BENCH_KEY.0.to_owned(), load::BENCH_KEY.1.to_owned())),
             wasm_sandbox: kiln::server::WasmPlacement::Jail,
-            ..ServerConfig::new()
+            ..bench_config(data.path().join("data-jail"))
         };
         let jailed = async {
-            let server = server_rt.spawn(Server::start(jail_config)).await??;
-            let jail_http = std::sync::Arc::new(Http::new(server.local_addr()));
-            server_rt.spawn(server.run(std::future::pending()));
+            let (jail_addr, _) = start_server(&server_rt, jail_config).await?;
+            let jail_http = std::sync::Arc::new(Http::new(jail_addr));
             deploy(&jail_http, "coldv", &hello_zip).await?;
             let samples = suite::cold_versions(&jail_http, "coldv", event, versions).await?;
             deploy(&jail_http, "dense", &misbehave_zip).await?;
@@ -720,6 +692,42 @@ async fn microvm_kernel(scratch: &std::path::Path) -> Result<PathBuf> {
         );
     }
     Ok(kernel)
+}
+
+/// A server of the bench: on loopback, its data in `data_dir`, the bench's
+/// root key.
+fn bench_config(data_dir: PathBuf) -> ServerConfig {
+    ServerConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir,
+        root_credentials: Some((load::BENCH_KEY.0.to_owned(), load::BENCH_KEY.1.to_owned())),
+        ..ServerConfig::new()
+    }
+}
+
+/// Starts a server on `rt` and keeps it serving there: its address and
+/// its planes.
+async fn start_server(
+    rt: &tokio::runtime::Runtime,
+    config: ServerConfig,
+) -> Result<(std::net::SocketAddr, kiln::api::AppState)> {
+    let server = rt.spawn(Server::start(config)).await??;
+    let addr = server.local_addr();
+    let state = server.state();
+    rt.spawn(server.run(std::future::pending()));
+    Ok((addr, state))
+}
+
+/// An invocation of `hello` from the data plane's side.
+fn hello_input(event: &'static [u8]) -> InvokeInput {
+    InvokeInput {
+        name: "hello".into(),
+        qualifier: None,
+        payload: bytes::Bytes::from_static(event),
+        log_tail: false,
+        trace_id: None,
+        request_id: None,
+    }
 }
 
 fn cold_scenario(

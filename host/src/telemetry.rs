@@ -106,6 +106,18 @@ pub fn init() -> Result<Telemetry, TelemetryError> {
     Ok(Telemetry { provider })
 }
 
+/// Makes `span` a child of the X-Ray trace `header` names, when spans are
+/// exported and the header is well formed.
+pub fn set_remote_parent(span: &tracing::Span, header: Option<&str>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(parent) = header.and_then(remote_parent) {
+        let _ = span.set_parent(parent);
+    }
+}
+
 /// The parent of a request's spans: the X-Ray trace `header` names
 /// (`Root=1-xxxxxxxx-yyyyyyyyyyyyyyyyyyyyyyyy;Parent=16hex;Sampled=1`).
 /// Without a `Parent`, a made-up one stands in, so that the trace id is

@@ -362,12 +362,16 @@ pub(super) async fn logout(State(s): State<AppState>, headers: HeaderMap) -> Res
     response
 }
 
+/// The caller a session token stands for: its key as the key is now (a
+/// deleted key ends the session).
+pub(crate) fn caller(s: &AppState, token: &str) -> Option<crate::auth::Authenticated> {
+    let id = s.console.resolve(token)?;
+    s.auth.by_key(&id).ok()
+}
+
 /// `GET /console/session`: who the session is, or 401.
 pub(super) async fn session(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    let identity = session_cookie(&headers)
-        .and_then(|t| s.console.resolve(t))
-        .and_then(|id| s.auth.by_key(&id).ok());
-    match identity {
+    match session_cookie(&headers).and_then(|t| caller(&s, t)) {
         Some(caller) => {
             Json(serde_json::json!({ "Principal": caller.identity.arn })).into_response()
         }

@@ -58,7 +58,6 @@ pub(crate) async fn guard(
         },
         None => None,
     };
-    let from_console = console.is_some();
     let (caller, bytes) = match console {
         Some(caller) => (caller, axum::body::Bytes::new()),
         None => match signed_caller(&state, &parts, body, now).await {
@@ -99,7 +98,8 @@ pub(crate) async fn guard(
         )
         .into_response();
     };
-    if from_console && (op.mutating || !matches!(parts.method.as_str(), "GET" | "HEAD")) {
+    if console_token.is_some() && (op.mutating || !matches!(parts.method.as_str(), "GET" | "HEAD"))
+    {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "AccessDeniedException",
@@ -163,15 +163,13 @@ pub(crate) async fn guard(
 
 /// The caller of a console session.
 fn console_caller(state: &AppState, token: &str) -> Result<crate::auth::Authenticated, ApiError> {
-    let expired = || {
+    super::console::caller(state, token).ok_or_else(|| {
         ApiError::new(
             StatusCode::FORBIDDEN,
             "UnrecognizedClientException",
             "The console session is not valid or has expired: sign in again at /console",
         )
-    };
-    let id = state.console.resolve(token).ok_or_else(expired)?;
-    state.auth.by_key(&id).map_err(|_| expired())
+    })
 }
 
 /// The caller of a SigV4-signed request, and its body. The key first,

@@ -270,7 +270,6 @@ async fn unknown_operation(request: Request) -> ApiError {
 /// caller's `X-Amzn-Trace-Id`, or a new one), and every request a span.
 async fn request_id(mut request: Request, next: Next) -> Response {
     use tracing::Instrument as _;
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
     let invocation = request.method() == axum::http::Method::POST
         && request.uri().path().ends_with("/invocations");
@@ -288,15 +287,13 @@ async fn request_id(mut request: Request, next: Next) -> Response {
         url.path = %request.uri().path(),
         http.response.status_code = tracing::field::Empty,
     );
-    if !span.is_disabled()
-        && let Some(parent) = request
+    crate::telemetry::set_remote_parent(
+        &span,
+        request
             .headers()
             .get("x-amzn-trace-id")
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::telemetry::remote_parent)
-    {
-        let _ = span.set_parent(parent);
-    }
+            .and_then(|v| v.to_str().ok()),
+    );
     let mut response = next.run(request).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
     if !response.headers().contains_key("x-amzn-requestid") {

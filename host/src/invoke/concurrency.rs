@@ -33,6 +33,9 @@ pub(super) struct Slot {
     governor: Arc<Governor>,
     function: String,
     unreserved: bool,
+    /// The function's invocations in flight once this one was admitted
+    /// (itself included).
+    pub(super) in_flight: u32,
 }
 
 impl Governor {
@@ -77,11 +80,13 @@ impl Governor {
                 true
             }
         };
-        *s.in_flight.entry(function.to_owned()).or_insert(0) += 1;
+        let count = s.in_flight.entry(function.to_owned()).or_insert(0);
+        *count += 1;
         Ok(Slot {
             governor: self.clone(),
             function: function.to_owned(),
             unreserved,
+            in_flight: *count,
         })
     }
 

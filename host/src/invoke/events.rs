@@ -141,7 +141,6 @@ async fn dispatch(plane: Weak<DataPlane>, queue: Arc<QueueStore>, config: AsyncC
 /// The span of one attempt at an event: in the trace of the request that
 /// queued it.
 fn event_span(event: &Event) -> tracing::Span {
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
         "async_event",
@@ -151,14 +150,7 @@ fn event_span(event: &Event) -> tracing::Span {
         attempt = event.attempts,
         age_ms = now_ms() - event.enqueued_ms,
     );
-    if !span.is_disabled()
-        && let Some(parent) = event
-            .trace_id
-            .as_deref()
-            .and_then(crate::telemetry::remote_parent)
-    {
-        let _ = span.set_parent(parent);
-    }
+    crate::telemetry::set_remote_parent(&span, event.trace_id.as_deref());
     span
 }
 

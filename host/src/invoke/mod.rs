@@ -560,7 +560,7 @@ impl DataPlane {
             qualifier = input.qualifier.as_deref().unwrap_or(""),
             version = tracing::field::Empty,
         );
-        let (slot, _admitted, concurrency) = route.in_scope(|| {
+        let (slot, admitted) = route.in_scope(|| {
             let slot = self.resolve(&input.name, input.qualifier.as_deref())?;
             tracing::Span::current().record("version", slot.record.version.as_str());
             // Admission first: a throttled call does no work and holds nothing.
@@ -568,8 +568,9 @@ impl DataPlane {
                 .governor
                 .acquire(&input.name)
                 .map_err(|reason| InvokeError::Throttled { reason })?;
-            Ok::<_, InvokeError>((slot, admitted, self.governor.in_flight(&input.name)))
+            Ok::<_, InvokeError>((slot, admitted))
         })?;
+        let concurrency = admitted.in_flight;
         let request_id = input
             .request_id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
