@@ -127,7 +127,7 @@ def test_metrics_move_by_exactly_what_was_caused(server, lam, artifacts):
     assert re.search(r"^kiln_async_queue_depth \d+$", after, re.M)
     assert re.search(r'^kiln_host_memory_bytes\{kind="kiln_resident"\} [1-9]', after, re.M)
     # Nothing runs but the async event, and only if it has not finished.
-    assert sample(after, "kiln_concurrent_executions", function="metered") in range(0, 2 - ran_async)
+    assert sample(after, "kiln_concurrent_executions", function="metered") in range(0, 2 - int(ran_async))
     assert after.rstrip().endswith("# EOF")
 
 
