@@ -19,6 +19,7 @@ fn context() -> InvocationContext {
         invoked_function_arn: "arn:aws:lambda:us-east-1:000000000000:function:hello".into(),
         trace_id: "Root=1-00000000-000000000000000000000000".into(),
         timeout: Duration::from_secs(3),
+        client_context: None,
     }
 }
 

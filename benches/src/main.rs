@@ -727,6 +727,7 @@ fn hello_input(event: &'static [u8]) -> InvokeInput {
         log_tail: false,
         trace_id: None,
         request_id: None,
+        client_context: None,
     }
 }
 

@@ -59,7 +59,7 @@
 //! - The event as your `Deserialize` type (a payload that does not fit is
 //!   reported as a `Runtime.UnmarshalError` without calling your code).
 //! - A [`Context`] with the request id, deadline, function name, version,
-//!   invoked ARN, memory limit and trace id.
+//!   invoked ARN, memory limit, trace id and the caller's client context.
 //! - Its environment variables through [`std::env`], `/tmp` read-write (kept
 //!   between warm invocations of one environment), `/var/task` (its own
 //!   code) and `/opt` (its layers) read-only, and no network.
@@ -119,6 +119,9 @@ pub struct Context {
     pub memory_limit_mb: u32,
     /// The trace id of the invocation (`X-Amzn-Trace-Id` format).
     pub trace_id: String,
+    /// The client context the caller passed (`ClientContext` of Invoke,
+    /// decoded: a JSON document such as `{"custom": {...}}`), if any.
+    pub client_context: Option<String>,
 }
 
 impl Context {
@@ -152,7 +155,20 @@ impl From<WitContext> for Context {
             invoked_function_arn: c.invoked_function_arn,
             memory_limit_mb: c.memory_limit_mb,
             trace_id: c.trace_id,
+            client_context: current_client_context(),
         }
+    }
+}
+
+/// The current invocation's client context, as the host holds it.
+fn current_client_context() -> Option<String> {
+    #[cfg(target_family = "wasm")]
+    {
+        runtime::client_context()
+    }
+    #[cfg(not(target_family = "wasm"))]
+    {
+        None
     }
 }
 
@@ -439,6 +455,7 @@ mod tests {
             invoked_function_arn: "arn".into(),
             memory_limit_mb: 128,
             trace_id: String::new(),
+            client_context: None,
         };
         assert_eq!(ctx.deadline(), UNIX_EPOCH + Duration::from_millis(1_500));
     }

@@ -150,6 +150,7 @@ where
             invoked_function_arn: header("lambda-runtime-invoked-function-arn"),
             memory_limit_mb: env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE").parse().unwrap_or(0),
             trace_id: header("lambda-runtime-trace-id"),
+            client_context: Some(header("lambda-runtime-client-context")).filter(|c| !c.is_empty()),
         };
         let mut event = Vec::new();
         if let Err(e) = response.body_mut().as_reader().read_to_end(&mut event) {

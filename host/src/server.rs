@@ -295,6 +295,9 @@ impl Server {
             control_meta,
             &credentials_key,
         ));
+        credentials
+            .ensure_default_role()
+            .map_err(|e| StartError::Config(format!("the default execution role: {e}")))?;
         // Environments get their execution role's credentials from the
         // store that verifies them.
         data.set_credentials(credentials.clone());

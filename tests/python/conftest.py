@@ -60,8 +60,11 @@ def kiln_bin() -> str:
 class KilnServer:
     """One `kiln serve` process on 127.0.0.1 with a private data dir."""
 
-    def __init__(self, data_dir: pathlib.Path, extra_args=(), env=None, listen="127.0.0.1:0", root_env=True):
+    def __init__(self, data_dir: pathlib.Path, extra_args=(), env=None, listen="127.0.0.1:0", root_env=True,
+                 pass_fds=(), preexec_fn=None):
         self.data_dir = data_dir
+        self.pass_fds = tuple(pass_fds)
+        self.preexec_fn = preexec_fn
         self.listen = listen
         self.extra_args = list(extra_args)
         self.env = dict(os.environ, **(ROOT_ENV if root_env else {}), **(env or {}))
@@ -80,6 +83,8 @@ class KilnServer:
             stderr=subprocess.PIPE,
             text=True,
             env=self.env,
+            pass_fds=self.pass_fds,
+            preexec_fn=self.preexec_fn,
         )
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         # The server prints its address once it listens: wait for that line.

@@ -18,7 +18,7 @@ from collections import Counter
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import ACCESS_KEY, ROLE, SECRET_KEY, create, kiln_bin, signed_urlopen
+from conftest import ACCESS_KEY, ROLE, SECRET_KEY, create, kiln, kiln_bin, signed_urlopen
 
 ARN = "arn:aws:lambda:us-east-1:000000000000"
 
@@ -496,7 +496,11 @@ def test_tags(lam, artifacts):
 # --- configuration fields and validation --------------------------------------
 
 
-def test_configuration_fields_round_trip(lam, artifacts):
+def test_configuration_fields_round_trip(server, lam, artifacts, tmp_path):
+    # Another role of this account, for the update below.
+    nothing = tmp_path / "nothing.json"
+    nothing.write_text(json.dumps({"Statement": []}))
+    kiln(server, "roles", "create", "other", "--policy", str(nothing))
     c = create(lam, "fields", artifacts["hello"], Description="d", Timeout=30, MemorySize=512,
                EphemeralStorage={"Size": 1024}, Architectures=["x86_64"], PackageType="Zip",
                Environment={"Variables": {"A_B": "c"}})

@@ -302,8 +302,12 @@ def test_environments_get_their_roles_credentials(server, lam, artifacts, tmp_pa
 
     env = json.loads(lam.invoke(FunctionName="role-fn", Payload=b'{"action": "env"}')["Payload"].read())
     assert env["AWS_ACCESS_KEY_ID"].startswith("ASIA") and env["AWS_SESSION_TOKEN"]
+    # The default role's session: credentials that are allowed nothing.
     plain = json.loads(lam.invoke(FunctionName="no-role-fn", Payload=b'{"action": "env"}')["Payload"].read())
-    assert "AWS_SESSION_TOKEN" not in plain
+    default = server.client(aws_access_key_id=plain["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=plain["AWS_SECRET_ACCESS_KEY"],
+                            aws_session_token=plain["AWS_SESSION_TOKEN"])
+    assert error_of(lambda: default.invoke(FunctionName="role-allowed"))[0] == "AccessDeniedException"
 
     # The credentials carry exactly the role's permissions...
     as_role = server.client(aws_access_key_id=env["AWS_ACCESS_KEY_ID"],

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiError, AppState, Paging, blocking, host, json_body, listing};
-use crate::auth::Authenticated;
+use crate::auth::{Authenticated, RequestConditions};
 use crate::control::requests::{
     CreateAliasRequest, CreateFunctionRequest, PublishVersionRequest, UpdateAliasRequest,
     UpdateFunctionCodeRequest, UpdateFunctionConfigurationRequest,
@@ -38,11 +38,53 @@ pub(super) struct ListAliasesQuery {
     function_version: Option<String>,
 }
 
+/// What IAM and Lambda ask of an execution role before a function may use
+/// it: the caller may pass it (`iam:PassRole` on its ARN), it is this
+/// account's, and it exists. Without the first, anyone who can create a
+/// function could take any role's credentials from inside it.
+async fn check_role(
+    s: &AppState,
+    caller: &Authenticated,
+    conditions: &RequestConditions,
+    role: &str,
+) -> Result<(), ApiError> {
+    crate::control::validate::role(role)?;
+    let account = &s.control.arn().account_id;
+    let role_account = role.split(':').nth(4).unwrap_or_default();
+    if role_account != account {
+        return Err(ApiError::invalid_parameter(format!(
+            "The role defined for the function cannot be assumed by Lambda: {role} belongs to \
+             account {role_account}, and this kiln's account is {account}; use one of its roles \
+             (`kiln roles list`)"
+        )));
+    }
+    let mut conditions = conditions.clone();
+    conditions.add("iam:PassedToService", "lambda.amazonaws.com");
+    s.auth
+        .authorize_action(&caller.identity, "iam:PassRole", role, None, &conditions)
+        .map_err(super::guard::refusal)?;
+    let credentials = s.auth.credentials().clone();
+    let name = role.to_owned();
+    let found = blocking(super::keys::key_error, move || credentials.role(&name)).await?;
+    if found.is_none() {
+        return Err(ApiError::invalid_parameter(format!(
+            "The role defined for the function cannot be assumed by Lambda: kiln has no role \
+             {role}. Create it with `kiln roles create NAME --policy FILE`, or use \
+             arn:aws:iam::{account}:role/{}, the default role, which is allowed nothing",
+            crate::auth::keys::DEFAULT_ROLE
+        )));
+    }
+    Ok(())
+}
+
 pub(super) async fn create(
     State(s): State<AppState>,
+    Extension(caller): Extension<Authenticated>,
+    Extension(conditions): Extension<RequestConditions>,
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let req: CreateFunctionRequest = json_body(body, "CreateFunction").await?;
+    check_role(&s, &caller, &conditions, &req.role).await?;
     let config = s.control.create_function(req).await?;
     Ok((StatusCode::CREATED, Json(config)))
 }
@@ -125,11 +167,16 @@ pub(super) async fn update_code(
 pub(super) async fn update_configuration(
     State(s): State<AppState>,
     Path(name): Path<String>,
+    Extension(caller): Extension<Authenticated>,
+    Extension(conditions): Extension<RequestConditions>,
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let r = s.control.function_ref(&name, None)?;
     let req: UpdateFunctionConfigurationRequest =
         json_body(body, "UpdateFunctionConfiguration").await?;
+    if let Some(role) = &req.role {
+        check_role(&s, &caller, &conditions, role).await?;
+    }
     Ok(Json(
         s.control.update_function_configuration(&r, req).await?,
     ))

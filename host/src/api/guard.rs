@@ -18,10 +18,10 @@ use tracing::Instrument as _;
 
 use super::{ApiError, AppState, MAX_CONTROL_BODY, read_body};
 use crate::audit::AuditEntry;
-use crate::auth::AuthError;
 use crate::auth::keys::Identity;
 use crate::auth::operations::{self, Operation};
 use crate::auth::sigv4::Incoming;
+use crate::auth::{AuthError, RequestConditions};
 use crate::control::names::FunctionRef;
 
 /// Authenticates, authorizes and audits one request.
@@ -122,7 +122,13 @@ pub(crate) async fn guard(
         serde_json::Value::Null
     };
     let principal = identity.arn.clone();
-    if let Err(e) = authorize(&state, identity, &op).await {
+    // Root is allowed everything: its requests need no condition keys.
+    let conditions = if identity.caller == crate::auth::keys::Caller::Root {
+        RequestConditions::default()
+    } else {
+        condition_keys(&state, &caller, &parts, &op, &bytes, now)
+    };
+    if let Err(e) = authorize(&state, identity, &op, &conditions).await {
         let refused = refusal(e);
         if audited {
             let entry = entry(
@@ -139,6 +145,7 @@ pub(crate) async fn guard(
         return refused.into_response();
     }
     parts.extensions.insert(caller);
+    parts.extensions.insert(conditions);
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
         "operation",
@@ -357,7 +364,77 @@ fn redact(v: &mut serde_json::Value) {
     }
 }
 
-async fn authorize(state: &AppState, identity: &Identity, op: &Operation) -> Result<(), AuthError> {
+/// The condition keys of a request: the caller's (see
+/// [`RequestConditions::base`]) and the operation's: `aws:RequestTag/*` and
+/// `aws:TagKeys` from the tags it sets or removes, `aws:ResourceTag/*` from
+/// the function it names, `lambda:FunctionArn`, `lambda:Principal`
+/// (AddPermission) and `lambda:Layer` (the layers it attaches).
+fn condition_keys(
+    state: &AppState,
+    caller: &crate::auth::Authenticated,
+    parts: &axum::http::request::Parts,
+    op: &Operation,
+    body: &[u8],
+    now: time::OffsetDateTime,
+) -> RequestConditions {
+    let source = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let account = &state.control.arn().account_id;
+    let mut c = RequestConditions::base(&caller.identity, account, source, now);
+    if let Some(function) = &op.function {
+        c.add(
+            "lambda:FunctionArn",
+            state.control.arn().function_arn(function),
+        );
+        for (k, v) in state.data.function_tags(function) {
+            c.add(format!("aws:ResourceTag/{k}"), v);
+        }
+    }
+    let fields = matches!(
+        op.name,
+        "CreateFunction" | "UpdateFunctionConfiguration" | "TagResource" | "AddPermission"
+    )
+    .then(|| serde_json::from_slice::<serde_json::Value>(body).ok())
+    .flatten();
+    if let Some(fields) = fields {
+        if let Some(tags) = fields.get("Tags").and_then(|t| t.as_object()) {
+            for (k, v) in tags {
+                c.add(
+                    format!("aws:RequestTag/{k}"),
+                    v.as_str().unwrap_or_default(),
+                );
+                c.add("aws:TagKeys", k.clone());
+            }
+        }
+        if let Some(layers) = fields.get("Layers").and_then(|l| l.as_array()) {
+            for layer in layers.iter().filter_map(|l| l.as_str()) {
+                c.add("lambda:Layer", layer);
+            }
+        }
+        if let Some(principal) = fields.get("Principal").and_then(|p| p.as_str()) {
+            c.add("lambda:Principal", principal);
+        }
+    }
+    if op.name == "UntagResource"
+        && let Some(q) = parts.uri.query()
+    {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            if k == "tagKeys" {
+                c.add("aws:TagKeys", v.into_owned());
+            }
+        }
+    }
+    c
+}
+
+async fn authorize(
+    state: &AppState,
+    identity: &Identity,
+    op: &Operation,
+    conditions: &RequestConditions,
+) -> Result<(), AuthError> {
     if identity.caller == crate::auth::keys::Caller::Root {
         return Ok(());
     }
@@ -374,11 +451,13 @@ async fn authorize(state: &AppState, identity: &Identity, op: &Operation) -> Res
             }
             None => None,
         };
-    state.auth.authorize(identity, op, policy.as_ref())
+    state
+        .auth
+        .authorize(identity, op, policy.as_ref(), conditions)
 }
 
 /// Lambda's answer to a refused request: 403 with the failure's type.
-fn refusal(e: AuthError) -> ApiError {
+pub(super) fn refusal(e: AuthError) -> ApiError {
     match e {
         AuthError::Signature(e) => {
             ApiError::new(StatusCode::FORBIDDEN, e.error_type(), e.to_string())

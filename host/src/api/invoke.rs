@@ -60,6 +60,11 @@ pub(super) async fn invoke(
             "Could not parse request body into json: Could not parse payload into json: {e}"
         )));
     }
+    // Lambda hands the client context to synchronous invocations only.
+    let client_context = match header_str("x-amz-client-context") {
+        Some(encoded) if invocation_type == "RequestResponse" => Some(client_context(encoded)?),
+        _ => None,
+    };
     let input = InvokeInput {
         name: r.name,
         qualifier: r.qualifier,
@@ -67,6 +72,7 @@ pub(super) async fn invoke(
         log_tail,
         trace_id: header_str("x-amzn-trace-id").map(str::to_owned),
         request_id: None,
+        client_context,
     };
     if invocation_type == "Event" {
         // 202 only once the event is on disk.
@@ -100,4 +106,49 @@ pub(super) async fn invoke(
         set("x-amz-log-result", tail);
     }
     Ok(response)
+}
+
+/// Lambda's limit on `ClientContext`, as the base64 text the caller sends.
+const MAX_CLIENT_CONTEXT: usize = 3583;
+
+/// `X-Amz-Client-Context`: base64 of a JSON object, as the AWS SDKs send
+/// it; the function receives the JSON text.
+fn client_context(encoded: &str) -> Result<String, ApiError> {
+    use base64::Engine as _;
+    let invalid = || {
+        ApiError::invalid_content(format!(
+            "Client context must be a valid Base64-encoded JSON object of at most \
+             {MAX_CLIENT_CONTEXT} characters"
+        ))
+    };
+    if encoded.len() > MAX_CLIENT_CONTEXT {
+        return Err(invalid());
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Object(_)) => Ok(text),
+        _ => Err(invalid()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_context_is_base64_json_within_lambdas_limit() {
+        let ok = "eyJjdXN0b20iOnsiYSI6MX19"; // {"custom":{"a":1}}
+        assert_eq!(client_context(ok).unwrap(), r#"{"custom":{"a":1}}"#);
+        for bad in [
+            "not base64!",
+            "WzFd",         /* [1] */
+            "bm90IGpzb24=", /* not json */
+        ] {
+            assert_eq!(client_context(bad).unwrap_err().status, 400, "{bad}");
+        }
+        assert!(client_context(&"A".repeat(MAX_CLIENT_CONTEXT + 1)).is_err());
+    }
 }

@@ -67,7 +67,7 @@ fn identity_policy(doc: Value) -> Result<Value, ApiError> {
     Ok(doc)
 }
 
-fn key_error(e: KeyError) -> ApiError {
+pub(super) fn key_error(e: KeyError) -> ApiError {
     match e {
         KeyError::Invalid(m) => ApiError::invalid_parameter(m),
         KeyError::NotFound(m) => {

@@ -12,6 +12,7 @@ mod guard;
 mod invoke;
 mod keys;
 mod layers;
+mod query;
 mod queue;
 mod settings;
 
@@ -191,6 +192,9 @@ pub fn router(state: AppState) -> Router {
         .route("/console/login", post(console::login))
         .route("/console/logout", post(console::logout))
         .route("/console/session", get(console::session))
+        // STS and IAM in AWS's query protocol: signed for their own
+        // services, so authenticated in their module.
+        .route("/", post(query::handle).get(query::handle))
         // Unauthenticated: health checks and Prometheus scrapes.
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))

@@ -106,6 +106,13 @@ pub struct Identity {
     pub caller: Caller,
     /// Its identity policies (JSON documents).
     pub policies: Vec<serde_json::Value>,
+    /// IAM's `aws:userid`: the account id for root, the user name for a
+    /// user (kiln users have no separate unique id), `ROLE-ID:SESSION` for
+    /// a role session.
+    pub user_id: String,
+    /// The function whose environment holds these role credentials
+    /// (`lambda:SourceFunctionArn`), if they were issued to one.
+    pub source_function: Option<String>,
 }
 
 /// A key as listed (no secret).
@@ -371,6 +378,11 @@ fn check_user_name(name: &str) -> Result<(), KeyError> {
     }
 }
 
+/// The role every kiln account has: the CLI's default execution role. It is
+/// allowed nothing, so that a function that needs no access to kiln gets
+/// none; made at start when it is missing.
+pub const DEFAULT_ROLE: &str = "kiln-function";
+
 /// An execution role: a name and the policy its sessions act under.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
@@ -391,6 +403,48 @@ pub struct Role {
     /// `kiln roles revoke-sessions`.
     #[serde(default)]
     pub revoked_before: i64,
+    /// Who may assume it with `sts:AssumeRole` (IAM's trust policy), when
+    /// it was made through IAM's `CreateRole`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assume_role_policy: Option<serde_json::Value>,
+    /// AWS managed policies attached with `AttachRolePolicy`; their
+    /// statements join the role's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attached_policies: Vec<String>,
+}
+
+impl Role {
+    /// Every identity policy its sessions act under: its own and those of
+    /// the managed policies attached to it.
+    pub fn policies(&self) -> Vec<serde_json::Value> {
+        std::iter::once(self.policy.clone())
+            .chain(
+                self.attached_policies
+                    .iter()
+                    .filter_map(|a| managed_policy(a)),
+            )
+            .collect()
+    }
+}
+
+/// The AWS managed policies kiln knows, by ARN: those that Lambda tools
+/// attach to the execution roles they create. `AWSLambdaBasicExecutionRole`
+/// allows writing CloudWatch Logs, which kiln's own logs do not need.
+pub fn managed_policy(arn: &str) -> Option<serde_json::Value> {
+    let statement = match arn {
+        "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole" => serde_json::json!({
+            "Effect": "Allow",
+            "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+            "Resource": "*",
+        }),
+        "arn:aws:iam::aws:policy/service-role/AWSLambdaRole" => serde_json::json!({
+            "Effect": "Allow",
+            "Action": ["lambda:InvokeFunction"],
+            "Resource": ["*"],
+        }),
+        _ => return None,
+    };
+    Some(serde_json::json!({"Version": "2012-10-17", "Statement": [statement]}))
 }
 
 /// Temporary credentials of a role session, as an environment receives them.
@@ -430,6 +484,9 @@ struct SessionClaims {
     i: i64,
     /// Expires at (Unix seconds).
     e: i64,
+    /// The function the session was issued to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    f: Option<String>,
 }
 
 /// The credential store: the root key, access keys (cached in memory after
@@ -493,6 +550,8 @@ impl Credentials {
             create_date: now_rfc3339(),
             role_id: new_access_key_id("AROA"),
             revoked_before: 0,
+            assume_role_policy: None,
+            attached_policies: Vec::new(),
         };
         let exists: Option<Role> = self.meta.read(|d| d.get(Kind::Role, "", name))?;
         if exists.is_some() {
@@ -500,6 +559,42 @@ impl Credentials {
         }
         self.meta.write(|d| d.insert(Kind::Role, "", name, &role))?;
         Ok(role)
+    }
+
+    /// Creates a role as IAM's `CreateRole` does: allowed nothing until
+    /// policies are attached, assumable as `trust` says.
+    pub fn create_role_with_trust(
+        &self,
+        name: &str,
+        trust: serde_json::Value,
+    ) -> Result<Role, KeyError> {
+        let nothing = serde_json::json!({"Version": "2012-10-17", "Statement": []});
+        self.create_role(name, nothing)?;
+        self.update_role(name, |role| role.assume_role_policy = Some(trust))
+    }
+
+    /// Changes a stored role.
+    pub fn update_role(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut Role),
+    ) -> Result<Role, KeyError> {
+        let mut role: Role = self
+            .meta
+            .read(|d| d.get(Kind::Role, "", name))?
+            .ok_or_else(|| KeyError::NotFound(format!("The role {name} does not exist")))?;
+        change(&mut role);
+        self.meta.write(|d| d.put(Kind::Role, "", name, &role))?;
+        Ok(role)
+    }
+
+    /// Creates [`DEFAULT_ROLE`] (allowed nothing) unless it exists.
+    pub fn ensure_default_role(&self) -> Result<(), KeyError> {
+        if self.role(DEFAULT_ROLE)?.is_none() {
+            let nothing = serde_json::json!({"Version": "2012-10-17", "Statement": []});
+            self.create_role(DEFAULT_ROLE, nothing)?;
+        }
+        Ok(())
     }
 
     /// A role by name or ARN.
@@ -539,12 +634,14 @@ impl Credentials {
     }
 
     /// Issues temporary credentials for a session of `role`, valid for
-    /// `lifetime`.
+    /// `lifetime`; `source_function` is the ARN of the function whose
+    /// environment receives them.
     pub fn issue_session(
         &self,
         role: &Role,
         session: &str,
         lifetime: std::time::Duration,
+        source_function: Option<&str>,
     ) -> SessionCredentials {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let claims = SessionClaims {
@@ -554,6 +651,7 @@ impl Credentials {
             k: new_access_key_id("ASIA"),
             i: now_millis(),
             e: now.saturating_add(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX)),
+            f: source_function.map(str::to_owned),
         };
         let payload = serde_json::to_vec(&claims).unwrap_or_default();
         let b64 = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -618,11 +716,13 @@ impl Credentials {
                     self.account, role.role_name, claims.s
                 ),
                 access_key_id: access_key_id.to_owned(),
+                user_id: format!("{}:{}", role.role_id, claims.s),
                 caller: Caller::Role {
                     name: role.role_name.clone(),
                     session: claims.s,
                 },
-                policies: vec![role.policy],
+                policies: role.policies(),
+                source_function: claims.f,
             },
         )))
     }
@@ -647,6 +747,8 @@ impl Credentials {
                     access_key_id: access_key_id.to_owned(),
                     caller: Caller::Root,
                     policies: Vec::new(),
+                    user_id: self.account.clone(),
+                    source_function: None,
                 },
             )));
         }
@@ -679,6 +781,8 @@ impl Credentials {
                     name: record.summary.user_name.clone(),
                 },
                 policies: vec![record.summary.policy.clone()],
+                user_id: record.summary.user_name.clone(),
+                source_function: None,
             },
         );
         if let Ok(mut cache) = self.cache.write()
@@ -823,7 +927,7 @@ mod tests {
             .create_role("worker", serde_json::json!({"Statement": []}))
             .unwrap();
         assert_eq!(role.arn, "arn:aws:iam::000000000000:role/worker");
-        let session = creds.issue_session(&role, "env-1", std::time::Duration::from_secs(60));
+        let session = creds.issue_session(&role, "env-1", std::time::Duration::from_secs(60), None);
         assert!(session.access_key_id.starts_with("ASIA"));
         let now = time::OffsetDateTime::now_utc();
         let (secret, identity) = creds
@@ -876,7 +980,7 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        let fresh = creds.issue_session(&again, "env-2", std::time::Duration::from_secs(60));
+        let fresh = creds.issue_session(&again, "env-2", std::time::Duration::from_secs(60), None);
         assert!(
             creds
                 .lookup_session(&fresh.access_key_id, &fresh.session_token, now)

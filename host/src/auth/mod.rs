@@ -98,7 +98,41 @@ impl Authenticator {
     /// form, scope and date, and a known key. The API runs it before
     /// reading a body, so only holders of a key can make it buffer one.
     pub fn identify(&self, head: &Incoming<'_>, now: OffsetDateTime) -> Result<Pending, AuthError> {
-        let claim = sigv4::claim(head, &self.config, now)?;
+        self.identify_with(head, now, &self.config)
+    }
+
+    /// Who signed `req` for another service of this endpoint (`sts`,
+    /// `iam`: their credential scopes name them), if the signature holds.
+    pub fn authenticate_for(
+        &self,
+        req: &Incoming<'_>,
+        now: OffsetDateTime,
+        service: &str,
+    ) -> Result<Authenticated, AuthError> {
+        let config = VerifyConfig {
+            service: service.to_owned(),
+            ..self.config.clone()
+        };
+        let Pending {
+            claim,
+            secret,
+            identity,
+        } = self.identify_with(req, now, &config)?;
+        sigv4::verify(req, &claim, secret.expose(), &config)?;
+        Ok(Authenticated {
+            identity,
+            secret,
+            session_token: claim.session_token,
+        })
+    }
+
+    fn identify_with(
+        &self,
+        head: &Incoming<'_>,
+        now: OffsetDateTime,
+        config: &VerifyConfig,
+    ) -> Result<Pending, AuthError> {
+        let claim = sigv4::claim(head, config, now)?;
         let (secret, identity) = match &claim.session_token {
             None => self
                 .credentials
@@ -183,22 +217,40 @@ impl Authenticator {
     /// Whether `secret` is the secret of the long-term key `access_key_id`
     /// (compared in constant time).
     pub fn check_secret(&self, access_key_id: &str, secret: &str) -> Result<bool, AuthError> {
-        Ok(match self.credentials.lookup(access_key_id)? {
-            Some((known, _)) => aws_lc_rs::constant_time::verify_slices_are_equal(
-                known.expose().as_bytes(),
-                secret.as_bytes(),
-            )
-            .is_ok(),
-            None => false,
-        })
+        let known = self.credentials.lookup(access_key_id)?;
+        Ok(secret_matches(
+            known.as_ref().map(|(s, _)| s.expose()),
+            secret,
+        ))
     }
 
-    /// Whether `identity` may perform `op`, given the resource's policy.
+    /// Whether `identity` may perform `op`, given the resource's policy and
+    /// the request's condition keys.
     pub fn authorize(
         &self,
         identity: &Identity,
         op: &Operation,
         resource_policy: Option<&serde_json::Value>,
+        conditions: &RequestConditions,
+    ) -> Result<(), AuthError> {
+        self.authorize_action(
+            identity,
+            &op.action,
+            &op.resource,
+            resource_policy,
+            conditions,
+        )
+    }
+
+    /// Whether `identity` may perform `action` on `resource` (an action
+    /// that is not an API operation of its own, such as `iam:PassRole`).
+    pub fn authorize_action(
+        &self,
+        identity: &Identity,
+        action: &str,
+        resource: &str,
+        resource_policy: Option<&serde_json::Value>,
+        conditions: &RequestConditions,
     ) -> Result<(), AuthError> {
         if identity.caller == Caller::Root {
             return Ok(());
@@ -210,20 +262,112 @@ impl Authenticator {
             .iter()
             .filter_map(|p| PolicyDocument::from_value(p, PolicyKind::Identity).ok())
             .collect();
-        let resource =
+        let resource_doc =
             resource_policy.and_then(|p| PolicyDocument::from_value(p, PolicyKind::Resource).ok());
+        let pairs = conditions.pairs();
         let ctx = RequestContext {
             principal_arn: &identity.arn,
             account: self.credentials.account(),
             service: None,
-            action: &op.action,
-            resource: &op.resource,
-            conditions: &[],
+            action,
+            resource,
+            conditions: &pairs,
         };
-        let explained = policy::evaluate_explained(&identity_policies, resource.as_ref(), &ctx);
+        let explained = policy::evaluate_explained(&identity_policies, resource_doc.as_ref(), &ctx);
         match explained.decision {
             Decision::Allow => Ok(()),
             _ => Err(AuthError::Denied(explained.message(&ctx))),
         }
     }
+}
+
+/// The condition keys of one request, as IAM names them: who asks, from
+/// where, when, and what the operation carries (tags, layers, principals).
+/// A key may appear more than once (a multivalued key such as
+/// `aws:TagKeys`).
+#[derive(Debug, Clone, Default)]
+pub struct RequestConditions(Vec<(String, String)>);
+
+impl RequestConditions {
+    /// The keys every request has: `aws:SourceIp`, `aws:CurrentTime`,
+    /// `aws:EpochTime`, `aws:SecureTransport` (kiln serves plain HTTP),
+    /// `aws:PrincipalArn` (a role session's role), `aws:PrincipalAccount`,
+    /// `aws:PrincipalType`, `aws:userid`, `aws:username` (users) and
+    /// `lambda:SourceFunctionArn` (credentials issued to a function).
+    pub fn base(
+        identity: &Identity,
+        account: &str,
+        source: Option<std::net::IpAddr>,
+        now: OffsetDateTime,
+    ) -> Self {
+        let mut c = Self::default();
+        if let Some(ip) = source {
+            c.add("aws:SourceIp", ip.to_string());
+        }
+        let seconds = now.unix_timestamp();
+        let current = OffsetDateTime::from_unix_timestamp(seconds).unwrap_or(now);
+        c.add(
+            "aws:CurrentTime",
+            current
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        );
+        c.add("aws:EpochTime", seconds.to_string());
+        c.add("aws:SecureTransport", "false");
+        c.add("aws:PrincipalAccount", account);
+        let (principal, kind) = match &identity.caller {
+            Caller::Root => (identity.arn.clone(), "Account"),
+            Caller::User { name } => {
+                c.add("aws:username", name.clone());
+                (identity.arn.clone(), "User")
+            }
+            Caller::Role { name, .. } => {
+                (format!("arn:aws:iam::{account}:role/{name}"), "AssumedRole")
+            }
+        };
+        c.add("aws:PrincipalArn", principal);
+        c.add("aws:PrincipalType", kind);
+        c.add("aws:userid", identity.user_id.clone());
+        if let Some(f) = &identity.source_function {
+            c.add("lambda:SourceFunctionArn", f.clone());
+        }
+        c
+    }
+
+    /// Adds one value of `key`.
+    pub fn add(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.0.push((key.into(), value.into()));
+    }
+
+    /// The values of `key` (compared ignoring case, as IAM compares keys).
+    pub fn get<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The keys and values, as policy evaluation takes them.
+    pub fn pairs(&self) -> Vec<(&str, &str)> {
+        self.0
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+}
+
+/// Whether `given` is the secret `known`, compared in constant time; an
+/// unknown key is compared against a stand-in of a real secret's length, so
+/// that the answer takes as long for an unknown key id as for a wrong
+/// secret (a sign-in form must not tell which key ids exist).
+fn secret_matches(known: Option<&str>, given: &str) -> bool {
+    const STAND_IN: &str = "0000000000000000000000000000000000000000";
+    let (expected, exists) = match known {
+        Some(k) => (k, true),
+        None => (STAND_IN, false),
+    };
+    let same =
+        aws_lc_rs::constant_time::verify_slices_are_equal(expected.as_bytes(), given.as_bytes())
+            .is_ok();
+    same && exists
 }

@@ -117,11 +117,27 @@ pub enum StatementError {
     ConditionShape,
     /// A condition operator kiln does not know.
     #[error(
-        "unknown condition operator {0:?}; use StringEquals, StringNotEquals, StringLike, \
-         StringNotLike, ArnEquals, ArnLike, ArnNotEquals or ArnNotLike, each optionally with \
-         IfExists"
+        "unknown condition operator {0:?}; use one of IAM's: String(Not)Equals(IgnoreCase), \
+         String(Not)Like, Numeric(Not)Equals, NumericLessThan(Equals), \
+         NumericGreaterThan(Equals), Date(Not)Equals, DateLessThan(Equals), \
+         DateGreaterThan(Equals), Bool, BinaryEquals, (Not)IpAddress, Arn(Not)Equals, \
+         Arn(Not)Like or Null, each optionally with IfExists (not Null) and a ForAllValues: \
+         or ForAnyValue: prefix"
     )]
     UnknownOperator(String),
+    /// A value the operator cannot compare (a number for `Numeric...`, a
+    /// date for `Date...`, ...).
+    #[error("Condition {operator} {key}: {value:?} is not {expected}")]
+    ConditionValue {
+        /// The operator, as written.
+        operator: String,
+        /// The condition key, as written.
+        key: String,
+        /// The value.
+        value: String,
+        /// What the operator takes.
+        expected: &'static str,
+    },
     /// A known operator spelled in the wrong case.
     #[error("condition operator {given:?} must be spelled {expected:?}")]
     OperatorCase {
@@ -151,6 +167,9 @@ pub enum PolicyKind {
     Identity,
     /// Attached to a resource (a function's permissions).
     Resource,
+    /// A role's trust policy: like a resource policy, with the role as its
+    /// implicit resource (its statements need no `Resource`).
+    Trust,
 }
 
 /// IAM's policy language versions; both are accepted and evaluated alike
@@ -218,17 +237,53 @@ pub enum AwsPrincipal {
     Arn(String),
 }
 
-/// The condition operators kiln evaluates; others are refused.
+/// The condition operators kiln evaluates (IAM's); others are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConditionOperator {
     /// Exact, case-sensitive.
     StringEquals,
     /// Negation of `StringEquals`.
     StringNotEquals,
+    /// Exact, ignoring case.
+    StringEqualsIgnoreCase,
+    /// Negation of `StringEqualsIgnoreCase`.
+    StringNotEqualsIgnoreCase,
     /// Case-sensitive with `*` and `?`.
     StringLike,
     /// Negation of `StringLike`.
     StringNotLike,
+    /// Numbers, equal.
+    NumericEquals,
+    /// Negation of `NumericEquals`.
+    NumericNotEquals,
+    /// The request's number is less than the policy's.
+    NumericLessThan,
+    /// ... less than or equal.
+    NumericLessThanEquals,
+    /// ... greater than.
+    NumericGreaterThan,
+    /// ... greater than or equal.
+    NumericGreaterThanEquals,
+    /// Instants (ISO 8601 or epoch seconds), equal.
+    DateEquals,
+    /// Negation of `DateEquals`.
+    DateNotEquals,
+    /// The request's instant is before the policy's.
+    DateLessThan,
+    /// ... at or before.
+    DateLessThanEquals,
+    /// ... after.
+    DateGreaterThan,
+    /// ... at or after.
+    DateGreaterThanEquals,
+    /// `true` / `false`, ignoring case.
+    Bool,
+    /// Base64 of bytes, equal.
+    BinaryEquals,
+    /// The request's address is in one of the policy's CIDR ranges.
+    IpAddress,
+    /// Negation of `IpAddress`.
+    NotIpAddress,
     /// ARN match, component by component, wildcards allowed.
     ArnEquals,
     /// Same as `ArnEquals` (IAM treats them alike).
@@ -237,6 +292,18 @@ pub enum ConditionOperator {
     ArnNotEquals,
     /// Negation of `ArnLike`.
     ArnNotLike,
+    /// `true`: the key is absent; `false`: it is present.
+    Null,
+}
+
+/// How a condition treats a key with several values in the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetOperator {
+    /// `ForAllValues:`: every value of the request's key matches (true when
+    /// the key is absent).
+    ForAllValues,
+    /// `ForAnyValue:`: at least one value matches (false when absent).
+    ForAnyValue,
 }
 
 /// One key of one condition operator: `{"<operator>": {"<key>": values}}`.
@@ -244,6 +311,8 @@ pub enum ConditionOperator {
 pub struct Condition {
     /// How values are compared.
     pub operator: ConditionOperator,
+    /// `ForAllValues:` / `ForAnyValue:`, if given.
+    pub set: Option<SetOperator>,
     /// `...IfExists`: a missing key counts as a match.
     pub if_exists: bool,
     /// The context key, compared case-insensitively.
@@ -446,15 +515,25 @@ fn parse_statement(value: &Value, kind: PolicyKind) -> Result<Statement, Stateme
         Some(other) => return Err(StatementError::Effect(describe(other))),
     };
     let actions = patterns(m, "Action", "NotAction")?;
-    let resources = patterns(m, "Resource", "NotResource")?;
+    let resources = match kind {
+        PolicyKind::Trust if !m.contains_key("Resource") && !m.contains_key("NotResource") => {
+            Patterns {
+                negated: false,
+                patterns: vec!["*".to_owned()],
+            }
+        }
+        _ => patterns(m, "Resource", "NotResource")?,
+    };
     if m.contains_key("NotPrincipal") {
         return Err(StatementError::NotPrincipal);
     }
     let principal = match (kind, m.get("Principal")) {
         (PolicyKind::Identity, None) => None,
         (PolicyKind::Identity, Some(_)) => return Err(StatementError::PrincipalInIdentityPolicy),
-        (PolicyKind::Resource, None) => return Err(StatementError::MissingPrincipal),
-        (PolicyKind::Resource, Some(p)) => Some(parse_principal(p)?),
+        (PolicyKind::Resource | PolicyKind::Trust, None) => {
+            return Err(StatementError::MissingPrincipal);
+        }
+        (PolicyKind::Resource | PolicyKind::Trust, Some(p)) => Some(parse_principal(p)?),
     };
     let conditions = match m.get("Condition") {
         None => Vec::new(),
@@ -580,12 +659,24 @@ fn parse_conditions(value: &Value) -> Result<Vec<Condition>, StatementError> {
     };
     let mut out = Vec::new();
     for (name, body) in ops {
-        let (base, if_exists) = match name.strip_suffix("IfExists") {
-            Some(base) => (base, true),
-            None => (name.as_str(), false),
+        let (set, rest) = if let Some(rest) = name.strip_prefix("ForAllValues:") {
+            (Some(SetOperator::ForAllValues), rest)
+        } else if let Some(rest) = name.strip_prefix("ForAnyValue:") {
+            (Some(SetOperator::ForAnyValue), rest)
+        } else {
+            (None, name.as_str())
         };
-        let Some(operator) = ConditionOperator::from_name(base) else {
-            return Err(operator_error(name));
+        let (base, if_exists) = match rest.strip_suffix("IfExists") {
+            Some(base) => (base, true),
+            None => (rest, false),
+        };
+        let operator = match ConditionOperator::from_name(base) {
+            // `NullIfExists` means nothing: Null is about existence.
+            Some(ConditionOperator::Null) if if_exists => {
+                return Err(StatementError::UnknownOperator(name.clone()));
+            }
+            Some(o) => o,
+            None => return Err(operator_error(name)),
         };
         let Value::Object(keys) = body else {
             return Err(StatementError::OperatorShape(name.clone()));
@@ -596,8 +687,19 @@ fn parse_conditions(value: &Value) -> Result<Vec<Condition>, StatementError> {
                     operator: name.clone(),
                     key: key.clone(),
                 })?;
+            for v in &values {
+                if let Err(expected) = operator.check_value(v) {
+                    return Err(StatementError::ConditionValue {
+                        operator: name.clone(),
+                        key: key.clone(),
+                        value: v.chars().take(64).collect(),
+                        expected,
+                    });
+                }
+            }
             out.push(Condition {
                 operator,
+                set,
                 if_exists,
                 key: key.clone(),
                 values,
@@ -608,7 +710,11 @@ fn parse_conditions(value: &Value) -> Result<Vec<Condition>, StatementError> {
 }
 
 /// An unknown operator, or a known one in the wrong case (say which).
-fn operator_error(name: &str) -> StatementError {
+fn operator_error(full: &str) -> StatementError {
+    let (prefix, name) = match full.split_once(':') {
+        Some((p @ ("ForAllValues" | "ForAnyValue"), rest)) => (format!("{p}:"), rest),
+        _ => (String::new(), full),
+    };
     let lower = name.to_ascii_lowercase();
     // Lowercasing ASCII keeps byte offsets, so `stem` ends where `lower`'s does.
     let (stem, suffix) = match lower.strip_suffix("ifexists") {
@@ -620,10 +726,10 @@ fn operator_error(name: &str) -> StatementError {
         .find(|o| o.name().eq_ignore_ascii_case(stem))
     {
         Some(o) => StatementError::OperatorCase {
-            given: name.to_owned(),
-            expected: format!("{}{suffix}", o.name()),
+            given: full.to_owned(),
+            expected: format!("{prefix}{}{suffix}", o.name()),
         },
-        None => StatementError::UnknownOperator(name.to_owned()),
+        None => StatementError::UnknownOperator(full.to_owned()),
     }
 }
 
@@ -647,32 +753,71 @@ fn condition_values(value: &Value) -> Option<Vec<String>> {
 
 impl ConditionOperator {
     /// Every operator, for lookups and messages.
-    pub const ALL: [ConditionOperator; 8] = [
+    pub const ALL: [ConditionOperator; 27] = [
         Self::StringEquals,
         Self::StringNotEquals,
+        Self::StringEqualsIgnoreCase,
+        Self::StringNotEqualsIgnoreCase,
         Self::StringLike,
         Self::StringNotLike,
+        Self::NumericEquals,
+        Self::NumericNotEquals,
+        Self::NumericLessThan,
+        Self::NumericLessThanEquals,
+        Self::NumericGreaterThan,
+        Self::NumericGreaterThanEquals,
+        Self::DateEquals,
+        Self::DateNotEquals,
+        Self::DateLessThan,
+        Self::DateLessThanEquals,
+        Self::DateGreaterThan,
+        Self::DateGreaterThanEquals,
+        Self::Bool,
+        Self::BinaryEquals,
+        Self::IpAddress,
+        Self::NotIpAddress,
         Self::ArnEquals,
         Self::ArnLike,
         Self::ArnNotEquals,
         Self::ArnNotLike,
+        Self::Null,
     ];
 
-    /// IAM's spelling (without `IfExists`).
+    /// IAM's spelling (without prefixes and `IfExists`).
     pub fn name(self) -> &'static str {
         match self {
             Self::StringEquals => "StringEquals",
             Self::StringNotEquals => "StringNotEquals",
+            Self::StringEqualsIgnoreCase => "StringEqualsIgnoreCase",
+            Self::StringNotEqualsIgnoreCase => "StringNotEqualsIgnoreCase",
             Self::StringLike => "StringLike",
             Self::StringNotLike => "StringNotLike",
+            Self::NumericEquals => "NumericEquals",
+            Self::NumericNotEquals => "NumericNotEquals",
+            Self::NumericLessThan => "NumericLessThan",
+            Self::NumericLessThanEquals => "NumericLessThanEquals",
+            Self::NumericGreaterThan => "NumericGreaterThan",
+            Self::NumericGreaterThanEquals => "NumericGreaterThanEquals",
+            Self::DateEquals => "DateEquals",
+            Self::DateNotEquals => "DateNotEquals",
+            Self::DateLessThan => "DateLessThan",
+            Self::DateLessThanEquals => "DateLessThanEquals",
+            Self::DateGreaterThan => "DateGreaterThan",
+            Self::DateGreaterThanEquals => "DateGreaterThanEquals",
+            Self::Bool => "Bool",
+            Self::BinaryEquals => "BinaryEquals",
+            Self::IpAddress => "IpAddress",
+            Self::NotIpAddress => "NotIpAddress",
             Self::ArnEquals => "ArnEquals",
             Self::ArnLike => "ArnLike",
             Self::ArnNotEquals => "ArnNotEquals",
             Self::ArnNotLike => "ArnNotLike",
+            Self::Null => "Null",
         }
     }
 
-    /// The operator IAM spells `name` (exactly; IfExists stripped).
+    /// The operator IAM spells `name` (exactly; prefix and IfExists
+    /// stripped).
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|o| o.name() == name)
     }
@@ -681,38 +826,193 @@ impl ConditionOperator {
     pub fn is_negated(self) -> bool {
         matches!(
             self,
-            Self::StringNotEquals | Self::StringNotLike | Self::ArnNotEquals | Self::ArnNotLike
+            Self::StringNotEquals
+                | Self::StringNotEqualsIgnoreCase
+                | Self::StringNotLike
+                | Self::NumericNotEquals
+                | Self::DateNotEquals
+                | Self::NotIpAddress
+                | Self::ArnNotEquals
+                | Self::ArnNotLike
         )
     }
 
-    /// Whether one context value matches one policy value, before negation.
+    /// Whether a policy value is one this operator can compare; else what
+    /// it takes. Checked when a document is parsed, so that a condition
+    /// never silently stops matching.
+    fn check_value(self, value: &str) -> Result<(), &'static str> {
+        match self {
+            Self::NumericEquals
+            | Self::NumericNotEquals
+            | Self::NumericLessThan
+            | Self::NumericLessThanEquals
+            | Self::NumericGreaterThan
+            | Self::NumericGreaterThanEquals => {
+                number(value).map(drop).ok_or("a number such as 10 or 2.5")
+            }
+            Self::DateEquals
+            | Self::DateNotEquals
+            | Self::DateLessThan
+            | Self::DateLessThanEquals
+            | Self::DateGreaterThan
+            | Self::DateGreaterThanEquals => instant(value)
+                .map(drop)
+                .ok_or("a date such as 2026-01-31T00:00:00Z or epoch seconds"),
+            Self::Bool | Self::Null => boolean(value).map(drop).ok_or("true or false"),
+            Self::IpAddress | Self::NotIpAddress => Cidr::parse(value)
+                .map(drop)
+                .ok_or("an IP address or CIDR range such as 203.0.113.0/24"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether one request value matches one policy value, before
+    /// negation.
     fn matches(self, pattern: &str, value: &str) -> bool {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        let ordered = |p: Option<f64>, v: Option<f64>, want: &[std::cmp::Ordering]| matches!((v, p), (Some(v), Some(p)) if v.partial_cmp(&p).is_some_and(|o| want.contains(&o)));
+        let num = |want: &[std::cmp::Ordering]| ordered(number(pattern), number(value), want);
+        let date = |want: &[std::cmp::Ordering]| matches!((instant(value), instant(pattern)), (Some(v), Some(p)) if want.contains(&v.cmp(&p)));
         match self {
             Self::StringEquals | Self::StringNotEquals => pattern == value,
+            Self::StringEqualsIgnoreCase | Self::StringNotEqualsIgnoreCase => {
+                pattern.to_lowercase() == value.to_lowercase()
+            }
             Self::StringLike | Self::StringNotLike => wildcard_match(pattern, value, false),
+            Self::NumericEquals | Self::NumericNotEquals => num(&[Equal]),
+            Self::NumericLessThan => num(&[Less]),
+            Self::NumericLessThanEquals => num(&[Less, Equal]),
+            Self::NumericGreaterThan => num(&[Greater]),
+            Self::NumericGreaterThanEquals => num(&[Greater, Equal]),
+            Self::DateEquals | Self::DateNotEquals => date(&[Equal]),
+            Self::DateLessThan => date(&[Less]),
+            Self::DateLessThanEquals => date(&[Less, Equal]),
+            Self::DateGreaterThan => date(&[Greater]),
+            Self::DateGreaterThanEquals => date(&[Greater, Equal]),
+            Self::Bool => {
+                matches!((boolean(pattern), boolean(value)), (Some(p), Some(v)) if p == v)
+            }
+            Self::BinaryEquals => pattern == value,
+            Self::IpAddress | Self::NotIpAddress => {
+                match (Cidr::parse(pattern), value.parse::<std::net::IpAddr>()) {
+                    (Some(range), Ok(ip)) => range.contains(ip),
+                    _ => false,
+                }
+            }
             Self::ArnEquals | Self::ArnLike | Self::ArnNotEquals | Self::ArnNotLike => {
                 arn_match(pattern, value)
             }
+            // Decided on presence alone, in `Condition::holds`.
+            Self::Null => false,
         }
     }
 }
 
-impl Condition {
-    /// IAM's rules: values are OR; a missing key fails a positive operator
-    /// and passes a negated one or any `...IfExists`.
-    pub fn holds(&self, context: &[(&str, &str)]) -> bool {
-        let mut present = false;
-        let mut matched = false;
-        for (key, value) in context {
-            if key.eq_ignore_ascii_case(&self.key) {
-                present = true;
-                matched = matched || self.values.iter().any(|p| self.operator.matches(p, value));
+/// A number as IAM's numeric operators read it.
+fn number(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let ok = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'));
+    ok.then(|| text.parse::<f64>().ok())
+        .flatten()
+        .filter(|n| n.is_finite())
+}
+
+/// An instant as IAM's date operators read it: ISO 8601 (a date, or a date
+/// and time with a zone) or seconds since the epoch; as milliseconds.
+fn instant(text: &str) -> Option<i128> {
+    use time::format_description::well_known::{Iso8601, Rfc3339};
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse::<i128>().ok().map(|s| s * 1000);
+    }
+    let at = time::OffsetDateTime::parse(text, &Rfc3339)
+        .or_else(|_| time::OffsetDateTime::parse(text, &Iso8601::DEFAULT))
+        .ok()
+        .or_else(|| {
+            let date = time::Date::parse(text, &Iso8601::DEFAULT).ok()?;
+            Some(date.midnight().assume_utc())
+        })?;
+    Some(at.unix_timestamp_nanos() / 1_000_000)
+}
+
+fn boolean(text: &str) -> Option<bool> {
+    if text.eq_ignore_ascii_case("true") {
+        Some(true)
+    } else if text.eq_ignore_ascii_case("false") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// An address range: `203.0.113.0/24`, `2001:db8::/32`, or one address.
+#[derive(Debug, Clone, Copy)]
+struct Cidr {
+    network: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    fn parse(text: &str) -> Option<Self> {
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().ok()?)),
+            None => (text.trim(), None),
+        };
+        let network: std::net::IpAddr = addr.parse().ok()?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Self { network, prefix })
+    }
+
+    fn contains(self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        // An IPv4 client seen through an IPv6 socket is still that client.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (net, addr, bits) = match (self.network, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                (u128::from(u32::from(n)), u128::from(u32::from(a)), 32)
             }
+            (IpAddr::V6(n), IpAddr::V6(a)) => (u128::from(n), u128::from(a), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || net >> shift == addr >> shift
+    }
+}
+
+impl Condition {
+    /// IAM's rules. Policy values are OR. A missing key fails a positive
+    /// operator and passes a negated one or any `...IfExists`; `Null` tests
+    /// presence. With `ForAnyValue:` some request value must match (none
+    /// when the key is missing), with `ForAllValues:` every one (vacuously
+    /// true when it is missing). A negated operator's value matches when it
+    /// equals none of the policy's values.
+    pub fn holds(&self, context: &[(&str, &str)]) -> bool {
+        let found: Vec<&str> = context
+            .iter()
+            .filter(|(key, _)| key.eq_ignore_ascii_case(&self.key))
+            .map(|(_, v)| *v)
+            .collect();
+        if self.operator == ConditionOperator::Null {
+            let absent = found.is_empty();
+            return self.values.iter().any(|v| boolean(v) == Some(absent));
         }
-        if !present {
-            return self.if_exists || self.operator.is_negated();
+        let negated = self.operator.is_negated();
+        let positive = |v: &str| self.values.iter().any(|p| self.operator.matches(p, v));
+        let value_holds = |v: &str| positive(v) != negated;
+        match self.set {
+            Some(SetOperator::ForAllValues) => found.iter().all(|v| value_holds(v)),
+            Some(SetOperator::ForAnyValue) if found.is_empty() => self.if_exists,
+            Some(SetOperator::ForAnyValue) => found.iter().any(|v| value_holds(v)),
+            None if found.is_empty() => self.if_exists || negated,
+            None => found.iter().any(|v| positive(v)) != negated,
         }
-        matched != self.operator.is_negated()
     }
 }
 
@@ -1286,10 +1586,10 @@ mod tests {
         assert_eq!(problem(with("Condition", json!("x")), R), E::ConditionShape);
         let cond = |c: Value| problem(with("Condition", c), R);
         for unknown in [
-            "NumericEquals",
-            "ForAnyValue:StringEquals",
+            "StringContains",
+            "ForEachValue:StringEquals",
             "IfExists",
-            "Bool",
+            "NullIfExists",
         ] {
             assert_eq!(
                 cond(json!({unknown: {"k": "v"}})),
@@ -1322,14 +1622,14 @@ mod tests {
         }
         // A message names the statement and the fix.
         let text = PolicyDocument::from_value(
-            &json!({"Statement": [ok(), with("Condition", json!({"NumericEquals": {}}))]}),
+            &json!({"Statement": [ok(), with("Condition", json!({"StringContains": {}}))]}),
             R,
         )
         .unwrap_err()
         .to_string();
         assert!(
             text.starts_with(
-                "Statement 2: unknown condition operator \"NumericEquals\"; use StringEquals"
+                "Statement 2: unknown condition operator \"StringContains\"; use one of IAM's"
             ),
             "{text}"
         );
@@ -1568,6 +1868,236 @@ mod tests {
                 ("aws:principaltag/TEAM", "ops")
             ]),
             Decision::ImplicitDeny
+        );
+    }
+
+    #[test]
+    fn every_operator_family() {
+        let holds = |operator: &str, key: &str, values: Value, context: &[(&str, &str)]| {
+            let doc = identity(json!({"Statement": {
+                "Effect": "Allow", "Action": "*", "Resource": "*",
+                "Condition": {operator: {key: values}},
+            }}));
+            let c = RequestContext {
+                conditions: context,
+                ..ctx("lambda:InvokeFunction", F)
+            };
+            evaluate(&[doc], None, &c) == Decision::Allow
+        };
+        let k = "kiln:n";
+        // Numbers compare as numbers, not text.
+        assert!(holds("NumericLessThan", k, json!(10), &[(k, "9.5")]));
+        assert!(!holds("NumericLessThan", k, json!("10"), &[(k, "10")]));
+        assert!(holds(
+            "NumericLessThanEquals",
+            k,
+            json!("10"),
+            &[(k, "10.0")]
+        ));
+        assert!(holds("NumericGreaterThan", k, json!(2), &[(k, "10")]));
+        assert!(holds(
+            "NumericGreaterThanEquals",
+            k,
+            json!(10),
+            &[(k, "10")]
+        ));
+        assert!(holds("NumericEquals", k, json!([1, 2]), &[(k, "2")]));
+        assert!(holds("NumericNotEquals", k, json!([1, 2]), &[(k, "3")]));
+        assert!(!holds("NumericEquals", k, json!(1), &[(k, "one")]));
+        assert!(holds("NumericNotEquals", k, json!(1), &[]));
+        // Dates: ISO 8601 and epoch seconds are the same instants.
+        let t = "aws:CurrentTime";
+        let now = [(t, "2026-12-04T10:00:00Z")];
+        assert!(holds(
+            "DateLessThan",
+            t,
+            json!("2027-01-01T00:00:00Z"),
+            &now
+        ));
+        assert!(!holds("DateGreaterThan", t, json!("2027-01-01"), &now));
+        assert!(holds(
+            "DateGreaterThanEquals",
+            t,
+            json!("2026-12-04T10:00:00+00:00"),
+            &now
+        ));
+        assert!(holds("DateEquals", t, json!("1796378400"), &now));
+        assert!(holds(
+            "DateLessThanEquals",
+            "aws:EpochTime",
+            json!("2026-12-04T10:00:00Z"),
+            &[("aws:EpochTime", "1796378400")]
+        ));
+        assert!(holds("DateNotEquals", t, json!("2026-12-04"), &now));
+        // Bool, Binary.
+        assert!(holds(
+            "Bool",
+            "aws:SecureTransport",
+            json!(false),
+            &[("aws:SecureTransport", "false")]
+        ));
+        assert!(!holds(
+            "Bool",
+            "aws:SecureTransport",
+            json!("true"),
+            &[("aws:SecureTransport", "false")]
+        ));
+        assert!(holds(
+            "BinaryEquals",
+            k,
+            json!("QmluYXJ5"),
+            &[(k, "QmluYXJ5")]
+        ));
+        // Addresses and ranges, v4, v6 and v4 seen through v6.
+        let ip = "aws:SourceIp";
+        assert!(holds(
+            "IpAddress",
+            ip,
+            json!("127.0.0.0/8"),
+            &[(ip, "127.0.0.1")]
+        ));
+        assert!(holds(
+            "IpAddress",
+            ip,
+            json!(["10.0.0.0/8", "127.0.0.1"]),
+            &[(ip, "127.0.0.1")]
+        ));
+        assert!(!holds(
+            "IpAddress",
+            ip,
+            json!("10.0.0.0/8"),
+            &[(ip, "127.0.0.1")]
+        ));
+        assert!(holds(
+            "IpAddress",
+            ip,
+            json!("0.0.0.0/0"),
+            &[(ip, "8.8.8.8")]
+        ));
+        assert!(holds(
+            "IpAddress",
+            ip,
+            json!("2001:db8::/32"),
+            &[(ip, "2001:db8::1")]
+        ));
+        assert!(holds(
+            "IpAddress",
+            ip,
+            json!("127.0.0.0/8"),
+            &[(ip, "::ffff:127.0.0.1")]
+        ));
+        assert!(holds(
+            "NotIpAddress",
+            ip,
+            json!("10.0.0.0/8"),
+            &[(ip, "127.0.0.1")]
+        ));
+        assert!(!holds("IpAddress", ip, json!("::1"), &[(ip, "127.0.0.1")]));
+        // Case-insensitive strings.
+        assert!(holds(
+            "StringEqualsIgnoreCase",
+            k,
+            json!("ABC"),
+            &[(k, "abc")]
+        ));
+        assert!(!holds(
+            "StringNotEqualsIgnoreCase",
+            k,
+            json!("ABC"),
+            &[(k, "abc")]
+        ));
+        // Null tests presence.
+        assert!(holds("Null", k, json!("true"), &[]));
+        assert!(!holds("Null", k, json!("true"), &[(k, "x")]));
+        assert!(holds("Null", k, json!(false), &[(k, "x")]));
+        // IfExists on the new families.
+        assert!(holds("NumericLessThanIfExists", k, json!(1), &[]));
+        assert!(!holds("NumericLessThanIfExists", k, json!(1), &[(k, "5")]));
+        // Sets.
+        let tags = [("aws:TagKeys", "team"), ("aws:TagKeys", "cost")];
+        assert!(holds(
+            "ForAllValues:StringEquals",
+            "aws:TagKeys",
+            json!(["team", "cost", "env"]),
+            &tags
+        ));
+        assert!(!holds(
+            "ForAllValues:StringEquals",
+            "aws:TagKeys",
+            json!(["team"]),
+            &tags
+        ));
+        assert!(holds(
+            "ForAllValues:StringEquals",
+            "aws:TagKeys",
+            json!(["team"]),
+            &[]
+        ));
+        assert!(holds(
+            "ForAnyValue:StringEquals",
+            "aws:TagKeys",
+            json!(["cost"]),
+            &tags
+        ));
+        assert!(!holds(
+            "ForAnyValue:StringEquals",
+            "aws:TagKeys",
+            json!(["x"]),
+            &tags
+        ));
+        assert!(!holds(
+            "ForAnyValue:StringEquals",
+            "aws:TagKeys",
+            json!(["x"]),
+            &[]
+        ));
+        assert!(holds(
+            "ForAnyValue:StringEqualsIfExists",
+            "aws:TagKeys",
+            json!(["x"]),
+            &[]
+        ));
+        assert!(holds(
+            "ForAnyValue:StringNotEquals",
+            "aws:TagKeys",
+            json!(["team"]),
+            &tags
+        ));
+        assert!(!holds(
+            "ForAllValues:StringNotEquals",
+            "aws:TagKeys",
+            json!(["team"]),
+            &tags
+        ));
+        assert!(holds(
+            "ForAnyValue:StringLike",
+            "aws:TagKeys",
+            json!("c*"),
+            &tags
+        ));
+    }
+
+    #[test]
+    fn condition_values_are_checked_when_parsed() {
+        let bad = |operator: &str, value: Value| {
+            PolicyDocument::from_value(
+                &json!({"Statement": {"Effect": "Deny", "Action": "*", "Resource": "*",
+                    "Condition": {operator: {"k": value}}}}),
+                PolicyKind::Identity,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(bad("NumericEquals", json!("ten")).contains("is not a number"));
+        assert!(bad("DateLessThan", json!("yesterday")).contains("is not a date"));
+        assert!(bad("Bool", json!("yes")).contains("true or false"));
+        assert!(bad("IpAddress", json!("300.1.1.1/8")).contains("CIDR"));
+        assert!(bad("IpAddress", json!("10.0.0.0/33")).contains("CIDR"));
+        assert!(bad("Null", json!("maybe")).contains("true or false"));
+        assert!(bad("NullIfExists", json!("true")).contains("unknown condition operator"));
+        assert_eq!(
+            bad("ForAnyValue:stringequals", json!("x")),
+            "Statement 1: condition operator \"ForAnyValue:stringequals\" must be spelled \"ForAnyValue:StringEquals\""
         );
     }
 

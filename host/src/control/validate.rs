@@ -248,6 +248,14 @@ pub fn tags(tags: &BTreeMap<String, String>) -> Result<(), ControlError> {
                 "Tag {k:?}: keys must have 1 to 128 characters and values at most 256"
             )));
         }
+        for (what, text) in [("key", k), ("value", v)] {
+            if let Some(c) = text.chars().find(|&c| !tag_char(c)) {
+                return Err(ControlError::InvalidParameter(format!(
+                    "Tag {k:?}: the {what} has the character {c:?}; tags may hold letters, \
+                     digits, spaces and _ . : / = + - @ only"
+                )));
+            }
+        }
         if k.starts_with("aws:") {
             return Err(ControlError::InvalidParameter(format!(
                 "Tag {k:?}: the prefix aws: is reserved"
@@ -255,6 +263,18 @@ pub fn tags(tags: &BTreeMap<String, String>) -> Result<(), ControlError> {
         }
     }
     Ok(())
+}
+
+/// AWS's tag alphabet: `[\p{L}\p{Z}\p{N}_.:/=+\-@]`.
+fn tag_char(c: char) -> bool {
+    c.is_alphanumeric() || c == ' ' || c == '\u{a0}' || "_.:/=+-@".contains(c) || {
+        // \p{Z}: the Unicode space separators beyond the two above.
+        matches!(
+            c,
+            '\u{1680}' | '\u{2000}'
+                ..='\u{200a}' | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}'
+        )
+    }
 }
 
 #[cfg(test)]
@@ -319,6 +339,26 @@ mod tests {
                 .to_string()
                 .contains("4KB")
         );
+    }
+
+    #[test]
+    fn tags_hold_awss_alphabet_only() {
+        let one = |k: &str, v: &str| -> BTreeMap<String, String> {
+            [(k.to_owned(), v.to_owned())].into_iter().collect()
+        };
+        tags(&one("team", "a b_c.d:e/f=g+h-i@j")).unwrap();
+        tags(&one("équipe", "日本 ٣")).unwrap();
+        for (k, v) in [
+            ("a\"b", "v"),
+            ("k", "x;y"),
+            ("k", "nul\0"),
+            ("k\n", "v"),
+            ("k", "<b>"),
+        ] {
+            let e = tags(&one(k, v)).unwrap_err().to_string();
+            assert!(e.contains("letters, digits, spaces"), "{k:?}={v:?}: {e}");
+        }
+        assert!(tags(&one("aws:x", "v")).is_err());
     }
 
     #[test]

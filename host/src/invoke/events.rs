@@ -200,6 +200,7 @@ async fn process(plane: &DataPlane, config: &AsyncConfig, event: Event) -> Compl
             log_tail: false,
             trace_id: event.trace_id.clone(),
             request_id: Some(event.request_id.clone()),
+            client_context: None,
         })
         .await
     {

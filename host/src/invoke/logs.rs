@@ -194,6 +194,46 @@ impl LogBuilder {
         }
     }
 
+    /// Appends the platform's line for an invocation the environment did
+    /// not finish, as Lambda writes it after the function's own output:
+    /// `<time> <request id> Task timed out after 3.00 seconds` for a
+    /// timeout, the error's message and type for a runtime that failed.
+    pub(super) fn failure(&mut self, outcome: &kiln_proto::Outcome, timeout: Duration) {
+        let kiln_proto::Outcome::Failed {
+            error_type,
+            message,
+        } = outcome
+        else {
+            return;
+        };
+        let text = if error_type == "Sandbox.Timedout" {
+            format!("Task timed out after {:.2} seconds", timeout.as_secs_f64())
+        } else {
+            // Lambda prefixes the request id itself; say it once.
+            let bare = message
+                .strip_prefix(&format!("RequestId: {} Error: ", self.request_id))
+                .unwrap_or(message);
+            format!("Error: {bare} ({error_type})")
+        };
+        match self.json {
+            None => {
+                let line = format!("{} {} {text}", rfc3339_now(), self.request_id);
+                self.line(&line);
+            }
+            Some(levels) if levels.system <= LogLevel::Error => {
+                let event = serde_json::json!({
+                    "timestamp": rfc3339_now(),
+                    "level": "ERROR",
+                    "requestId": self.request_id,
+                    "message": text,
+                    "errorType": error_type,
+                });
+                self.line(&event.to_string());
+            }
+            Some(_) => {}
+        }
+    }
+
     /// Appends END and REPORT (or `platform.report`).
     pub(super) fn finish(
         &mut self,
@@ -310,6 +350,45 @@ mod tests {
             l[3],
             "REPORT RequestId: id-1\tDuration: 1.20 ms\tBilled Duration: 2 ms\t\
              Memory Size: 256 MB\tMax Memory Used: 3 MB\tInit Duration: 4.50 ms"
+        );
+    }
+
+    #[test]
+    fn a_timeout_writes_lambdas_line_after_the_functions_output() {
+        let r = record(serde_json::json!({}));
+        let mut log = LogBuilder::new(false, &r.logging, "id-9");
+        log.start("$LATEST");
+        log.raw(b"working...\n");
+        let timeout = kiln_proto::Outcome::Failed {
+            error_type: "Sandbox.Timedout".into(),
+            message: "RequestId: id-9 Error: Task timed out after 3.00 seconds".into(),
+        };
+        log.failure(&timeout, Duration::from_secs(3));
+        log.finish(&r, Status::Timeout, Duration::from_secs(3), 0, None);
+        let l = lines(&log);
+        assert_eq!(l[1], "working...");
+        assert!(
+            l[2].ends_with(" id-9 Task timed out after 3.00 seconds"),
+            "{}",
+            l[2]
+        );
+        assert!(l[2].starts_with("20"), "{}", l[2]);
+        assert_eq!(l[3], "END RequestId: id-9");
+        let mut log = LogBuilder::new(false, &r.logging, "id-9");
+        log.failure(
+            &kiln_proto::Outcome::Failed {
+                error_type: "Runtime.ExitError".into(),
+                message: "RequestId: id-9 Error: Runtime exited with error: signal: killed".into(),
+            },
+            Duration::from_secs(3),
+        );
+        let l = lines(&log);
+        assert!(
+            l[0].ends_with(
+                "id-9 Error: Runtime exited with error: signal: killed (Runtime.ExitError)"
+            ),
+            "{}",
+            l[0]
         );
     }
 

@@ -1,9 +1,12 @@
-//! Function logs at rest: one file per log stream (one stream per execution
-//! environment, named as `AWS_LAMBDA_LOG_STREAM_NAME` says) under
-//! `<data>/logs/<function>/`, each line a JSON event with its time. A writer
-//! task appends (invocations only queue their lines), and enforces
-//! retention: streams older than the age limit go, and a function's oldest
-//! streams go while it holds more than its byte limit.
+//! Function logs at rest: one log stream per execution environment (named
+//! as `AWS_LAMBDA_LOG_STREAM_NAME` says) under `<data>/logs/<function>/`,
+//! each line a JSON event with its time. A stream is a series of segments:
+//! the active one (`<stream>.log`) takes appends and, once it holds a
+//! segment's worth, is sealed under the next number (`<stream>.<n>.log`).
+//! A writer task appends (invocations only queue their lines), and enforces
+//! retention segment by segment: segments older than the age limit go, and
+//! a function's oldest segments go while it holds more than its byte limit,
+//! so that a busy stream loses its oldest lines, never its newest.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -92,6 +95,35 @@ fn file_name(stream: &str) -> String {
     name
 }
 
+/// The stream a segment file belongs to, and its place in the stream
+/// (sealed segments by number, the active one last).
+fn segment_of(file: &str) -> Option<(String, u64)> {
+    let base = file.strip_suffix(".log")?;
+    let (base, seq) = match base.rsplit_once('.') {
+        Some((b, n)) if n.len() == SEQ_DIGITS && n.bytes().all(|c| c.is_ascii_digit()) => {
+            (b, n.parse().ok()?)
+        }
+        _ => (base, u64::MAX),
+    };
+    Some((stream_name(&format!("{base}.log"))?, seq))
+}
+
+/// Digits of a sealed segment's number.
+const SEQ_DIGITS: usize = 6;
+
+/// A sealed segment's file name.
+fn sealed_name(stream: &str, seq: u64) -> String {
+    let active = file_name(stream);
+    let base = active.strip_suffix(".log").unwrap_or(&active);
+    format!("{base}.{seq:0width$}.log", width = SEQ_DIGITS)
+}
+
+/// How large an active segment grows before it is sealed: an eighth of a
+/// function's limit, so that retention removes at most that much at once.
+fn segment_bytes(retention: Retention) -> u64 {
+    (retention.max_bytes_per_function / 8).clamp(16 << 10, 8 << 20)
+}
+
 fn stream_name(file: &str) -> Option<String> {
     let base = file.strip_suffix(".log")?;
     // `2024-05-01-[$LATEST]id` back to `2024/05/01/[$LATEST]id`.
@@ -159,12 +191,20 @@ fn read_function(dir: &Path, query: &LogQuery) -> io::Result<Vec<LogEvent>> {
         Err(e) => return Err(e),
     };
     let mut events = Vec::new();
+    // A stream's segments in order, so that lines of one millisecond keep
+    // their order through the stable sort below.
+    let mut files: Vec<(String, u64, fs::DirEntry)> = Vec::new();
     for entry in entries {
         let entry = entry?;
         let file = entry.file_name().to_string_lossy().into_owned();
-        let Some(stream) = stream_name(&file) else {
-            continue;
-        };
+        if let Some((stream, seq)) = segment_of(&file) {
+            files.push((stream, seq, entry));
+        }
+    }
+    files.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let mut invocation = None;
+    let mut current_stream = None;
+    for (stream, _, entry) in files {
         if query.stream.as_ref().is_some_and(|s| *s != stream) {
             continue;
         }
@@ -179,8 +219,17 @@ fn read_function(dir: &Path, query: &LogQuery) -> io::Result<Vec<LogEvent>> {
         {
             continue;
         }
-        let reader = io::BufReader::new(fs::File::open(entry.path())?);
-        let mut invocation = query.request_id.as_deref().map(Invocation::new);
+        let reader = match fs::File::open(entry.path()) {
+            Ok(f) => io::BufReader::new(f),
+            // Sealed or removed since it was listed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        // One invocation's lines may span two segments of its stream.
+        if current_stream.as_ref() != Some(&stream) {
+            current_stream = Some(stream.clone());
+            invocation = query.request_id.as_deref().map(Invocation::new);
+        }
         for line in reader.lines() {
             let Ok(mut event) = serde_json::from_str::<LogEvent>(&line?) else {
                 continue;
@@ -258,6 +307,7 @@ impl Invocation {
 fn write_loop(dir: &Path, mut rx: mpsc::Receiver<Message>, retention: Retention) {
     let mut last_sweep = SystemTime::now();
     let mut written: BTreeMap<String, u64> = BTreeMap::new();
+    let segment = segment_bytes(retention);
     while let Some(message) = rx.blocking_recv() {
         let batch = match message {
             Message::Append(batch) => batch,
@@ -273,15 +323,25 @@ fn write_loop(dir: &Path, mut rx: mpsc::Receiver<Message>, retention: Retention)
                 text.push(b'\n');
             }
         }
+        let active = function_dir.join(file_name(&batch.stream));
         let appended = fs::create_dir_all(&function_dir).and_then(|()| {
-            fs::OpenOptions::new()
+            let mut file = fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(function_dir.join(file_name(&batch.stream)))?
-                .write_all(&text)
+                .open(&active)?;
+            file.write_all(&text)?;
+            file.metadata()
         });
-        if let Err(e) = appended {
-            tracing::error!(function = %batch.function, error = %e, "writing function logs");
+        match appended {
+            Ok(meta) if meta.len() >= segment => {
+                if let Err(e) = seal(&function_dir, &batch.stream) {
+                    tracing::error!(function = %batch.function, error = %e, "sealing a log segment");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(function = %batch.function, error = %e, "writing function logs");
+            }
         }
         let since_sweep = written.entry(batch.function.clone()).or_default();
         *since_sweep += text.len() as u64;
@@ -302,22 +362,41 @@ fn write_loop(dir: &Path, mut rx: mpsc::Receiver<Message>, retention: Retention)
     }
 }
 
-/// Applies retention to one function's streams.
+/// Seals a stream's active segment under the next free number.
+fn seal(function_dir: &Path, stream: &str) -> io::Result<()> {
+    let next = fs::read_dir(function_dir)?
+        .flatten()
+        .filter_map(|e| segment_of(&e.file_name().to_string_lossy()))
+        .filter(|(s, seq)| s == stream && *seq != u64::MAX)
+        .map(|(_, seq)| seq + 1)
+        .max()
+        .unwrap_or(1);
+    fs::rename(
+        function_dir.join(file_name(stream)),
+        function_dir.join(sealed_name(stream, next)),
+    )
+}
+
+/// Applies retention to one function's segments, oldest first.
 fn sweep(function_dir: &Path, retention: Retention) {
     let Ok(entries) = fs::read_dir(function_dir) else {
         return;
     };
     let now = SystemTime::now();
-    let mut streams: Vec<(SystemTime, u64, PathBuf)> = entries
+    // Oldest first: by the time a segment was last written, then (for
+    // segments of one stream written within the clock's resolution) by
+    // their order in the stream.
+    let mut segments: Vec<(SystemTime, String, u64, u64, PathBuf)> = entries
         .flatten()
         .filter_map(|e| {
             let meta = e.metadata().ok()?;
-            Some((meta.modified().ok()?, meta.len(), e.path()))
+            let (stream, seq) = segment_of(&e.file_name().to_string_lossy())?;
+            Some((meta.modified().ok()?, stream, seq, meta.len(), e.path()))
         })
         .collect();
-    streams.sort();
-    let mut total: u64 = streams.iter().map(|(_, len, _)| len).sum();
-    for (modified, len, path) in streams {
+    segments.sort();
+    let mut total: u64 = segments.iter().map(|(_, _, _, len, _)| len).sum();
+    for (modified, _, _, len, path) in segments {
         let too_old = now.duration_since(modified).unwrap_or_default() > retention.max_age;
         if too_old || total > retention.max_bytes_per_function {
             if fs::remove_file(&path).is_ok() {
@@ -434,6 +513,75 @@ mod tests {
             },
         );
         assert_eq!(fs::read_dir(&f).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn segments_keep_a_stream_and_its_order() {
+        let stream = "2026/11/23/[$LATEST]0123abcd";
+        assert_eq!(
+            segment_of(&file_name(stream)),
+            Some((stream.to_owned(), u64::MAX))
+        );
+        assert_eq!(
+            sealed_name(stream, 7),
+            "2026-11-23-[$LATEST]0123abcd.000007.log"
+        );
+        assert_eq!(
+            segment_of(&sealed_name(stream, 7)),
+            Some((stream.to_owned(), 7))
+        );
+        assert_eq!(segment_of("notes.txt"), None);
+    }
+
+    #[test]
+    fn a_busy_stream_loses_its_oldest_lines_not_its_newest() {
+        // One stream written far past the limit: retention keeps its
+        // newest segments (about the limit's worth), never the whole stream
+        // gone or only a sliver of it.
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_age: Duration::from_secs(86400),
+            max_bytes_per_function: 256 << 10,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = rt
+            .block_on(async { LogStore::open(dir.path().to_path_buf(), retention) })
+            .unwrap();
+        let stream = "2026/11/23/[$LATEST]busy";
+        let line = "x".repeat(1000);
+        rt.block_on(async {
+            for i in 0..1000 {
+                store
+                    .append("f", stream, format!("{i:04} {line}").as_bytes())
+                    .await;
+            }
+        });
+        let events = rt
+            .block_on(store.read(
+                "f",
+                LogQuery {
+                    limit: 10_000,
+                    ..Default::default()
+                },
+            ))
+            .unwrap();
+        let kept: u64 = fs::read_dir(dir.path().join("f"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(kept <= retention.max_bytes_per_function, "{kept}");
+        assert!(kept >= retention.max_bytes_per_function / 2, "{kept}");
+        assert!(events.last().unwrap().message.starts_with("0999 "));
+        // The lines kept are the newest, in order.
+        let numbers: Vec<u32> = events
+            .iter()
+            .map(|e| e.message[..4].parse().unwrap())
+            .collect();
+        assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+        assert!(numbers[0] > 0 && events.len() > 100, "{}", events.len());
     }
 
     #[test]

@@ -47,8 +47,10 @@ use crate::sandbox::{
 use crate::store::queue::{NewEvent, QueueStore};
 use crate::telemetry::TARGET as TRACE;
 
-/// Largest synchronous request and response payload: 6 MB.
+/// Largest synchronous request payload: 6 MB.
 pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
+/// Largest response, on every path: Lambda's 6,291,556 bytes.
+pub use kiln_proto::MAX_RESPONSE;
 /// Largest asynchronous (`Event`) payload: 1 MB.
 pub const MAX_ASYNC_PAYLOAD: usize = 1024 * 1024;
 /// Lambda's limit on an init phase.
@@ -108,6 +110,8 @@ pub struct InvokeInput {
     pub trace_id: Option<String>,
     /// The request id, when it was assigned earlier (an event's).
     pub request_id: Option<String>,
+    /// The caller's client context (decoded JSON), synchronous calls only.
+    pub client_context: Option<String>,
 }
 
 /// The answer to an invocation.
@@ -436,6 +440,20 @@ impl DataPlane {
         }
     }
 
+    /// A function's tags (`aws:ResourceTag/*` of requests that name it);
+    /// none for a function that does not exist.
+    pub fn function_tags(&self, name: &str) -> Vec<(String, String)> {
+        self.slot(name, LATEST)
+            .map(|slot| {
+                slot.record
+                    .tags
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Checks that a function and qualifier exist (for `DryRun`).
     pub fn exists(&self, name: &str, qualifier: Option<&str>) -> Result<(), InvokeError> {
         self.resolve(name, qualifier).map(|_| ())
@@ -643,6 +661,7 @@ impl DataPlane {
             invoked_function_arn: invoked_arn,
             trace_id: input.trace_id.unwrap_or_else(new_trace_id),
             timeout: Duration::from_secs(u64::from(record.timeout)),
+            client_context: input.client_context,
         };
         let report = env
             .invoke(&request)
@@ -654,9 +673,12 @@ impl DataPlane {
                 faas.version = %record.version,
             ))
             .await;
+        // The invocation no longer runs: it leaves the concurrency count
+        // before it is counted as done, so that anyone who sees it in the
+        // totals sees it gone from the count.
+        drop(admitted);
         let provisioned = env.is_provisioned();
-        let failed =
-            !matches!(&report.outcome, Outcome::Response(p) if p.len() <= MAX_SYNC_PAYLOAD);
+        let failed = !matches!(&report.outcome, Outcome::Response(p) if p.len() <= MAX_RESPONSE);
         self.observe(
             crate::metrics::InvocationMetrics {
                 function: &record.name,
@@ -683,6 +705,7 @@ impl DataPlane {
             },
         );
         log.raw(&report.logs);
+        log.failure(&report.outcome, request.timeout);
         log.finish(
             &record,
             logs::Status::of(&report.outcome),
@@ -700,17 +723,9 @@ impl DataPlane {
             }
         }
         let output = match report.outcome {
-            Outcome::Response(payload) if payload.len() > MAX_SYNC_PAYLOAD => failure_output(
-                request_id,
-                &record,
-                Outcome::Failed {
-                    error_type: "Function.ResponseSizeTooLarge".to_owned(),
-                    message: format!(
-                        "Response payload size exceeded maximum allowed payload size ({MAX_SYNC_PAYLOAD} bytes)."
-                    ),
-                },
-                log,
-            ),
+            Outcome::Response(payload) if payload.len() > MAX_RESPONSE => {
+                failure_output(request_id, &record, kiln_proto::response_too_large(), log)
+            }
             Outcome::Response(payload) => InvokeOutput {
                 request_id,
                 executed_version: record.version.clone(),
@@ -893,8 +908,12 @@ impl DataPlane {
             }
         };
         let lifetime = self.config.env_lease + Duration::from_secs(300);
-        let session =
-            credentials.issue_session(&role, &format!("{}-{env_id}", record.name), lifetime);
+        let session = credentials.issue_session(
+            &role,
+            &format!("{}-{env_id}", record.name),
+            lifetime,
+            Some(&self.arn.function_arn(&record.name)),
+        );
         vec![
             ("AWS_ACCESS_KEY_ID".to_owned(), session.access_key_id),
             (

@@ -46,6 +46,10 @@ pub static AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln-agent")
 /// on top of the function's MemorySize (the component itself is held to
 /// MemorySize by wasmtime).
 const WASM_ENGINE_OVERHEAD: u64 = 96 << 20;
+/// How long past an invocation's deadline the host waits for the agent to
+/// report the timeout itself (with the function's output) before it gives
+/// up on the environment.
+const AGENT_GRACE: Duration = Duration::from_secs(2);
 /// First uid (and gid) functions run as; each environment gets its own.
 const FIRST_UID: u32 = 100_000;
 const UIDS: u32 = 60_000;
@@ -93,11 +97,14 @@ pub(crate) fn install_once(
 }
 
 /// Puts `fd` at descriptor 3 of the child `command` starts (its channel),
-/// and ties the child's life to the thread that spawns it. Public for the
-/// VMM's end-to-end tests, which start `kiln vmm` as the server does.
+/// closes every other descriptor above 2 (the server's own, and whatever
+/// the server inherited: none of it is the environment's), and ties the
+/// child's life to the thread that spawns it. Public for the VMM's
+/// end-to-end tests, which start `kiln vmm` as the server does.
 pub fn channel_on_fd3(command: &mut Command, fd: std::os::fd::RawFd) {
     // SAFETY: the closure runs between fork and exec and makes only
-    // async-signal-safe calls (dup2, fcntl, prctl) on integers.
+    // async-signal-safe calls (dup2, fcntl, close_range/close, prctl) on
+    // integers.
     unsafe {
         command.pre_exec(move || {
             if libc::dup2(fd, 3) == -1 {
@@ -105,6 +112,7 @@ pub fn channel_on_fd3(command: &mut Command, fd: std::os::fd::RawFd) {
             }
             let flags = libc::fcntl(3, libc::F_GETFD);
             libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            cloexec_from(4);
             // Dies with the server.
             libc::prctl(
                 libc::PR_SET_PDEATHSIG,
@@ -115,6 +123,45 @@ pub fn channel_on_fd3(command: &mut Command, fd: std::os::fd::RawFd) {
             );
             Ok(())
         });
+    }
+}
+
+/// `close_range`'s flag that marks descriptors close-on-exec instead of
+/// closing them.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
+/// Makes every descriptor from `first` up close on exec, between fork and
+/// exec (only async-signal-safe calls). Marked rather than closed: the
+/// standard library's own error pipe, which reports a failed exec to the
+/// parent, must live until the exec.
+pub(crate) fn cloexec_from(first: libc::c_uint) {
+    // SAFETY: close_range takes integers and changes only this process's
+    // descriptor flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == -1 {
+        // Kernels before 5.11: one by one, up to the limit.
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we pass.
+        let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            limit.rlim_cur.min(1 << 20) as libc::c_int
+        } else {
+            4096
+        };
+        for fd in first as libc::c_int..max {
+            // SAFETY: fcntl on a descriptor number; an unused one fails
+            // harmlessly with EBADF.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
     }
 }
 
@@ -483,6 +530,10 @@ fn forward_console(env: String, stdout: std::process::ChildStdout) {
     }
 }
 
+fn is_timeout(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Failed { error_type, .. } if error_type == "Sandbox.Timedout")
+}
+
 pub(crate) fn var(env: &[(String, String)], name: &str) -> String {
     env.iter()
         .find(|(k, _)| k == name)
@@ -605,7 +656,7 @@ impl ExecutionEnvironment for JailEnvironment {
             deadline_ms,
             invoked_function_arn: request.invoked_function_arn.clone(),
             trace_id: request.trace_id.clone(),
-            client_context: None,
+            client_context: request.client_context.clone(),
             cognito_identity: None,
             payload: request.payload.to_vec(),
         };
@@ -628,8 +679,23 @@ impl ExecutionEnvironment for JailEnvironment {
                 }
             }
         };
-        let result = tokio::time::timeout(request.timeout, exchange).await;
+        // The agent ends a late invocation itself and returns its output;
+        // this deadline is the backstop for an agent that does not.
+        let result = tokio::time::timeout(request.timeout + AGENT_GRACE, exchange).await;
+        let timed_out = |request: &InvocationRequest| {
+            failed(
+                "Sandbox.Timedout",
+                format!(
+                    "RequestId: {} Error: Task timed out after {:.2} seconds",
+                    request.request_id,
+                    request.timeout.as_secs_f64()
+                ),
+            )
+        };
         let (outcome, logs) = match result {
+            // The agent measured from when it received the invocation; the
+            // function's Timeout is what the caller set.
+            Ok(Ok(r)) if is_timeout(&r.outcome) => (timed_out(request), r.logs),
             Ok(Ok(r)) => (r.outcome, r.logs),
             Ok(Err(e)) => (
                 failed(
@@ -641,17 +707,7 @@ impl ExecutionEnvironment for JailEnvironment {
                 ),
                 Vec::new(),
             ),
-            Err(_) => (
-                failed(
-                    "Sandbox.Timedout",
-                    format!(
-                        "RequestId: {} Error: Task timed out after {:.2} seconds",
-                        request.request_id,
-                        request.timeout.as_secs_f64()
-                    ),
-                ),
-                Vec::new(),
-            ),
+            Err(_) => (timed_out(request), Vec::new()),
         };
         let max_memory_bytes = self.peak_memory();
         if matches!(outcome, Outcome::Failed { .. }) {

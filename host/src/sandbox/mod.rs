@@ -140,6 +140,8 @@ pub struct InvocationRequest {
     pub trace_id: String,
     /// The function's Timeout.
     pub timeout: Duration,
+    /// The caller's client context (decoded JSON), for synchronous calls.
+    pub client_context: Option<String>,
 }
 
 /// How an invocation or init ended: the agent's wire type, which every

@@ -167,6 +167,7 @@ impl ExecutionEnvironment for WasmEnvironment {
             invoked_function_arn: request.invoked_function_arn.clone(),
             trace_id: request.trace_id.clone(),
             timeout: request.timeout,
+            client_context: request.client_context.clone(),
         };
         let report = self.env.invoke(&request.payload, &ctx).await;
         InvocationReport {

@@ -11,9 +11,12 @@
 //! share the archive and its tree.
 //!
 //! Threat model: the archive is hostile. Unpacking refuses what a trusted
-//! unzipper refuses — absolute paths, `..`, NUL bytes, backslashes,
-//! symlinks, devices, duplicate names, encryption — and counts inflated
-//! bytes while inflating, so a zip bomb stops at the limit with flat memory.
+//! unzipper refuses — absolute paths, `..`, NUL bytes, backslashes, devices,
+//! duplicate names, encryption, symbolic links that lead out of the archive
+//! and paths that pass through a symbolic link — and counts inflated bytes
+//! while inflating, so a zip bomb stops at the limit with flat memory.
+//! Relative symbolic links that stay inside the archive are kept, as Lambda
+//! keeps them (`lib64 -> lib`, `libfoo.so -> libfoo.so.1`).
 //! The sealed store is hostile too: an altered archive fails closed
 //! ([`ArtifactError::Sealed`]) instead of being unpacked.
 
@@ -407,7 +410,8 @@ fn overlay(src: &Path, dest: &Path) -> io::Result<()> {
         let target = dest.join(entry.file_name());
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            if target.exists() && !target.is_dir() {
+            // A file or link of an earlier layer gives way to the directory.
+            if target.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
                 fs::remove_file(&target)?;
             }
             fs::create_dir_all(&target)?;
@@ -415,12 +419,20 @@ fn overlay(src: &Path, dest: &Path) -> io::Result<()> {
         } else if kind.is_file() {
             if target.is_dir() {
                 remove_tree(&target)?;
-            } else if target.exists() {
+            } else if target.symlink_metadata().is_ok() {
                 fs::remove_file(&target)?;
             }
             if fs::hard_link(entry.path(), &target).is_err() {
                 fs::copy(entry.path(), &target)?;
             }
+        } else if kind.is_symlink() {
+            // Checked when its layer was unpacked: it stays inside /opt.
+            if target.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                remove_tree(&target)?;
+            } else if target.symlink_metadata().is_ok() {
+                fs::remove_file(&target)?;
+            }
+            std::os::unix::fs::symlink(fs::read_link(entry.path())?, &target)?;
         }
     }
     Ok(())
@@ -448,6 +460,28 @@ const S_IFREG: u32 = 0o100_000;
 const S_IFDIR: u32 = 0o040_000;
 const S_IFLNK: u32 = 0o120_000;
 
+/// Longest symbolic link target accepted (Linux's PATH_MAX).
+const MAX_LINK: usize = 4096;
+
+/// Whether a link at `link` (a safe relative path in the archive) pointing
+/// at `target` resolves inside the archive: relative, and never above the
+/// root when its `..`s are followed from the link's directory.
+fn link_stays_inside(link: &Path, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
+        return false;
+    }
+    let mut depth = link.components().count().saturating_sub(1);
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." if depth == 0 => return false,
+            ".." => depth -= 1,
+            _ => depth += 1,
+        }
+    }
+    true
+}
+
 /// Unpacks `zip` into `dest` (created), returning the unpacked byte count.
 fn unpack(zip: &[u8], dest: &Path, limits: &ArchiveLimits) -> Result<u64, ArtifactError> {
     let mut archive =
@@ -468,6 +502,7 @@ fn unpack(zip: &[u8], dest: &Path, limits: &ArchiveLimits) -> Result<u64, Artifa
     }
     fs::create_dir(dest)?;
     let mut seen = HashSet::new();
+    let mut links: HashSet<PathBuf> = HashSet::new();
     let mut total: u64 = 0;
     for index in 0..archive.len() {
         let mut entry = archive
@@ -501,14 +536,49 @@ fn unpack(zip: &[u8], dest: &Path, limits: &ArchiveLimits) -> Result<u64, Artifa
         let mode = entry.unix_mode().unwrap_or(0);
         let is_dir = entry.is_dir() || mode & S_IFMT == S_IFDIR;
         match mode & S_IFMT {
-            0 | S_IFREG | S_IFDIR => {}
-            S_IFLNK => return Err(refuse("symbolic links are not allowed")),
-            _ => return Err(refuse("only regular files and directories are allowed")),
+            0 | S_IFREG | S_IFDIR | S_IFLNK => {}
+            _ => {
+                return Err(refuse(
+                    "only regular files, directories and symbolic links are allowed",
+                ));
+            }
         }
         if !seen.insert(rel.clone()) {
             return Err(refuse("the name appears twice"));
         }
+        // A path through a link would be written wherever the link leads,
+        // and a link checked against its name would not be checked against
+        // where it really is.
+        if rel.ancestors().skip(1).any(|a| links.contains(a)) {
+            return Err(refuse(
+                "the path passes through a symbolic link of the archive",
+            ));
+        }
         let target = dest.join(&rel);
+        if mode & S_IFMT == S_IFLNK {
+            let mut link = String::new();
+            (&mut entry)
+                .take(MAX_LINK as u64 + 1)
+                .read_to_string(&mut link)
+                .map_err(|_| refuse("the symbolic link's target is not UTF-8 text"))?;
+            if link.len() > MAX_LINK {
+                return Err(refuse("the symbolic link's target is too long"));
+            }
+            if !link_stays_inside(&rel, &link) {
+                return Err(refuse(
+                    "the symbolic link leads outside the archive; links must be relative and \
+                     stay inside it",
+                ));
+            }
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent)
+                    .map_err(|_| refuse("a file and a directory share this path"))?;
+            }
+            std::os::unix::fs::symlink(&link, &target)
+                .map_err(|_| refuse("a file and a directory share this path"))?;
+            links.insert(rel);
+            continue;
+        }
         if is_dir {
             fs::create_dir_all(&target)
                 .map_err(|_| refuse("a file and a directory share this path"))?;
@@ -723,7 +793,7 @@ pub(crate) mod tests {
             ("a/../../evil", 0o644, "'..'"),
             ("/etc/passwd", 0o644, "absolute"),
             ("a\\b", 0o644, "backslash"),
-            ("link", S_IFLNK | 0o777, "symbolic links"),
+            ("link", S_IFLNK | 0o777, "leads outside the archive"),
         ];
         for (name, mode, why) in cases {
             let zip = zip_of(&[(name, *mode, b"/etc/passwd")]);
@@ -739,6 +809,69 @@ pub(crate) mod tests {
         let left: Vec<_> = fs::read_dir(&store.cache).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
         assert_eq!(store.stats().unwrap(), SealStats::default());
+    }
+
+    #[test]
+    fn links_inside_the_archive_are_kept_and_links_out_refused() {
+        let (_d, store) = store(ArchiveLimits::default());
+        let zip = zip_of(&[
+            ("lib/libfoo.so.1", 0o644, b"elf"),
+            ("lib/libfoo.so", S_IFLNK | 0o777, b"libfoo.so.1"),
+            ("lib64", S_IFLNK | 0o777, b"lib"),
+            ("bin/tool", S_IFLNK | 0o777, b"../lib/./libfoo.so.1"),
+        ]);
+        let stored = store.put(&zip).unwrap();
+        let dir = store.ensure_dir(&stored.sha256_hex).unwrap();
+        assert_eq!(fs::read(dir.join("lib64/libfoo.so")).unwrap(), b"elf");
+        assert_eq!(fs::read(dir.join("bin/tool")).unwrap(), b"elf");
+        assert_eq!(fs::read_link(dir.join("lib64")).unwrap(), Path::new("lib"));
+        for (entries, why) in [
+            (
+                vec![("a/b/up", S_IFLNK | 0o777, &b"../../.."[..])],
+                "leads outside",
+            ),
+            (vec![("up", S_IFLNK | 0o777, &b".."[..])], "leads outside"),
+            (
+                vec![("abs", S_IFLNK | 0o777, &b"/etc"[..])],
+                "leads outside",
+            ),
+            (
+                vec![
+                    ("x", S_IFLNK | 0o777, &b"."[..]),
+                    ("x/y/l", S_IFLNK | 0o777, &b"../.."[..]),
+                ],
+                "passes through a symbolic link",
+            ),
+            (
+                vec![
+                    ("d", S_IFLNK | 0o777, &b"e"[..]),
+                    ("d/f", 0o644, &b"data"[..]),
+                ],
+                "passes through a symbolic link",
+            ),
+        ] {
+            match store.put(&zip_of(&entries)) {
+                Err(e @ ArtifactError::Entry { .. }) => {
+                    assert!(e.to_string().contains(why), "{entries:?}: {e}")
+                }
+                other => panic!("{entries:?}: {other:?}"),
+            }
+        }
+        assert!(link_stays_inside(Path::new("a/b/l"), "../c/./d"));
+        assert!(!link_stays_inside(Path::new("a/l"), "../../x"));
+        assert!(link_stays_inside(Path::new("a/l"), "../x"));
+        // Layers keep their links when merged.
+        let other = store.put(&zip_of(&[("lib/extra", 0o644, b"x")])).unwrap();
+        let merged = store
+            .merged_layers(&[stored.sha256_hex.clone(), other.sha256_hex.clone()])
+            .unwrap()
+            .unwrap();
+        assert_eq!(fs::read(merged.join("lib64/extra")).unwrap(), b"x");
+        assert!(
+            fs::symlink_metadata(merged.join("lib/libfoo.so"))
+                .unwrap()
+                .is_symlink()
+        );
     }
 
     #[test]

@@ -159,10 +159,13 @@ async fn init_native(config: &Config) -> (Function, AgentMessage) {
     let mut bootstrap = match Bootstrap::spawn(&path, &config.env, &logs, &reaper) {
         Ok(b) => b,
         Err(e) => {
-            let m = format!("Couldn't start {}: {e}", path.display());
+            let m = crate::bootstrap::explain_spawn_error(&path, &e);
+            // The function's log says it too: that is where its author looks.
+            let mut output = logs.take();
+            output.extend_from_slice(format!("{m}\n").as_bytes());
             return (
                 dead("Runtime.InvalidEntrypoint", &m),
-                init_failed("Runtime.InvalidEntrypoint", m, logs.take()),
+                init_failed("Runtime.InvalidEntrypoint", m, output),
             );
         }
     };
@@ -240,8 +243,16 @@ async fn invoke(config: &Config, function: &mut Function, inv: Invocation) -> In
                     0,
                 )
             } else {
+                // The agent ends a late invocation itself, so that what the
+                // function printed until then still reaches its log (the
+                // host only backs this deadline up).
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let left = std::time::Duration::from_millis(inv.deadline_ms.saturating_sub(now_ms));
                 let (tx, rx) = oneshot::channel();
                 api.invoke(inv, tx);
+                let mut timed_out = false;
                 let outcome = tokio::select! {
                     outcome = rx => outcome.unwrap_or(Outcome::Failed {
                         error_type: "Runtime.Unavailable".into(),
@@ -251,9 +262,33 @@ async fn invoke(config: &Config, function: &mut Function, inv: Invocation) -> In
                         error_type: "Runtime.ExitError".into(),
                         message: format!("RequestId: {request_id} Error: Runtime exited with error: {}", exit.describe()),
                     },
+                    () = tokio::time::sleep(left) => {
+                        timed_out = true;
+                        Outcome::Failed {
+                            error_type: "Sandbox.Timedout".into(),
+                            message: format!(
+                                "RequestId: {request_id} Error: Task timed out after {:.2} seconds",
+                                left.as_secs_f64()
+                            ),
+                        }
+                    }
                 };
                 bootstrap.drain_output();
                 let logs = logs.take();
+                if timed_out {
+                    bootstrap.kill();
+                    *function = Function::Dead {
+                        error_type: "Sandbox.Timedout".into(),
+                        message: "an earlier invocation timed out and the runtime was stopped"
+                            .into(),
+                    };
+                    return InvocationResult {
+                        request_id,
+                        outcome,
+                        logs,
+                        max_memory_bytes: 0,
+                    };
+                }
                 if let (Outcome::Failed { .. }, Some(exit)) = (&outcome, bootstrap.exited()) {
                     *function = Function::Dead {
                         error_type: "Runtime.ExitError".into(),

@@ -72,6 +72,112 @@ pub fn find() -> Result<PathBuf, String> {
     }
 }
 
+/// Why `path` could not be started, in words that say what to do. A file
+/// that exists but cannot be executed for want of something else is the
+/// usual case: a program linked against glibc (`cargo lambda build`'s
+/// default, most Go and C++ builds) needs its ELF interpreter, a script
+/// needs the interpreter on its `#!` line, and neither is in an
+/// environment whose root holds only the function's code.
+pub fn explain_spawn_error(path: &Path, error: &io::Error) -> String {
+    let head = format!("Couldn't start {}", path.display());
+    let what = match (error.raw_os_error(), needs(path)) {
+        (Some(libc::ENOENT), Some(Needs::Interpreter(interp))) if !Path::new(&interp).exists() => {
+            format!(
+                "it is dynamically linked and its ELF interpreter {interp} is not in this \
+                 environment, which has no system libraries. Build it as a static binary \
+                 (for Rust: --target x86_64-unknown-linux-musl, e.g. \
+                 `cargo lambda build --target x86_64-unknown-linux-musl`; for Go: \
+                 CGO_ENABLED=0), or ship the interpreter and libraries it needs in the zip or \
+                 a layer and start it from a static bootstrap"
+            )
+        }
+        (Some(libc::ENOENT), Some(Needs::Script(interp))) if !Path::new(&interp).exists() => {
+            format!(
+                "it is a script whose interpreter {interp} (its #! line) is not in this \
+                 environment, which has no shell or other interpreters. Make the bootstrap a \
+                 static binary, or ship the interpreter in the zip or a layer and name its \
+                 path under /var/task or /opt on the #! line"
+            )
+        }
+        (Some(libc::ENOEXEC), Some(Needs::Foreign(machine))) => format!(
+            "it is a program for {machine}; kiln runs x86_64 programs (Architectures: x86_64)"
+        ),
+        (Some(libc::ENOEXEC), _) => "it is neither an x86_64 program nor a script with a #! \
+                                     line"
+            .to_owned(),
+        _ => return format!("{head}: {error}"),
+    };
+    format!("{head}: {what}")
+}
+
+/// What a file needs in order to run.
+#[derive(Debug, PartialEq, Eq)]
+enum Needs {
+    /// A dynamically linked ELF program: its `PT_INTERP`.
+    Interpreter(String),
+    /// A `#!` script: its interpreter.
+    Script(String),
+    /// An ELF program for another machine.
+    Foreign(String),
+}
+
+fn needs(path: &Path) -> Option<Needs> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut head = [0u8; 64];
+    let n = file.read(&mut head).ok()?;
+    let head = &head[..n];
+    if let Some(line) = head.strip_prefix(b"#!") {
+        let line = line.split(|&b| b == b'\n').next()?;
+        let interp = String::from_utf8_lossy(line)
+            .split_whitespace()
+            .next()?
+            .to_owned();
+        return Some(Needs::Script(interp));
+    }
+    if head.len() < 64 || &head[..4] != b"\x7fELF" {
+        return None;
+    }
+    let u16_at = |at: usize| u16::from_le_bytes([head[at], head[at + 1]]);
+    let machine = u16_at(18);
+    if head[4] != 2 || machine != 62 {
+        let name = match (head[4], machine) {
+            (_, 183) => "aarch64 (arm64)".to_owned(),
+            (1, _) => "a 32-bit machine".to_owned(),
+            (_, m) => format!("machine type {m}"),
+        };
+        return Some(Needs::Foreign(name));
+    }
+    let u64_at = |b: &[u8], at: usize| {
+        b.get(at..at + 8)
+            .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])))
+    };
+    let phoff = u64_at(head, 32)?;
+    let phentsize = u64::from(u16_at(54));
+    let phnum = u64::from(u16_at(56)).min(256);
+    for i in 0..phnum {
+        let mut ph = [0u8; 56];
+        file.seek(SeekFrom::Start(
+            phoff.checked_add(i.checked_mul(phentsize)?)?,
+        ))
+        .ok()?;
+        file.read_exact(&mut ph).ok()?;
+        const PT_INTERP: u32 = 3;
+        if u32::from_le_bytes(ph[..4].try_into().ok()?) == PT_INTERP {
+            let offset = u64_at(&ph, 8)?;
+            let size = u64_at(&ph, 32)?.min(4096);
+            let mut interp = vec![0u8; usize::try_from(size).ok()?];
+            file.seek(SeekFrom::Start(offset)).ok()?;
+            file.read_exact(&mut interp).ok()?;
+            let end = interp.iter().position(|&b| b == 0).unwrap_or(interp.len());
+            return Some(Needs::Interpreter(
+                String::from_utf8_lossy(&interp[..end]).into_owned(),
+            ));
+        }
+    }
+    None
+}
+
 /// A running bootstrap.
 pub struct Bootstrap {
     pid: i32,
@@ -102,12 +208,26 @@ impl Bootstrap {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // SAFETY: the closure runs between fork and exec and makes only
-        // async-signal-safe calls (setsid, open, write, close) on
-        // stack data.
+        // async-signal-safe calls (setsid, open, write, close, close_range)
+        // on stack data.
         unsafe {
             command.pre_exec(|| {
                 // Its own process group, so that it can be stopped whole.
                 if libc::setsid() == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                // stdin, stdout and stderr only: nothing of the agent's
+                // (its channel to the host, its sockets) reaches the
+                // function. Marked close-on-exec rather than closed, so
+                // that the error pipe of a failing exec still reports.
+                const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+                if libc::syscall(
+                    libc::SYS_close_range,
+                    3,
+                    libc::c_uint::MAX,
+                    CLOSE_RANGE_CLOEXEC,
+                ) == -1
+                {
                     return Err(io::Error::last_os_error());
                 }
                 // The agent protects itself from the OOM killer; the
@@ -241,6 +361,33 @@ fn reap(report: &watch::Sender<Option<Exit>>, state: &std::sync::Mutex<ReaperSta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_interpreter_is_named() {
+        let dir = std::env::temp_dir().join(format!("kiln-needs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("bootstrap");
+        std::fs::write(&script, b"#!/nowhere/bash -e\necho hi\n").unwrap();
+        assert_eq!(needs(&script), Some(Needs::Script("/nowhere/bash".into())));
+        let enoent = io::Error::from_raw_os_error(libc::ENOENT);
+        let m = explain_spawn_error(&script, &enoent);
+        assert!(m.contains("interpreter /nowhere/bash (its #! line)"), "{m}");
+        // This test binary is dynamically linked (a glibc host): its
+        // interpreter is named, when it is missing.
+        let me = std::env::current_exe().unwrap();
+        match needs(&me) {
+            Some(Needs::Interpreter(i)) => assert!(i.starts_with('/') && i.contains("ld"), "{i}"),
+            other => assert!(other.is_none(), "{other:?}"),
+        }
+        let mut aarch64 = vec![0u8; 64];
+        aarch64[..4].copy_from_slice(b"\x7fELF");
+        aarch64[4] = 2;
+        aarch64[18] = 183;
+        std::fs::write(&script, &aarch64).unwrap();
+        let m = explain_spawn_error(&script, &io::Error::from_raw_os_error(libc::ENOEXEC));
+        assert!(m.contains("aarch64"), "{m}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn exits_read_as_lambda_writes_them() {

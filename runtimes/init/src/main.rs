@@ -49,6 +49,10 @@ fn main() -> ExitCode {
         },
         _ => return usage(),
     };
+    // Only the channel may come from the host, and it must not reach the
+    // function: every other inherited descriptor is closed, and the
+    // channel is closed on exec.
+    close_inherited(fd);
     // SAFETY: kiln passes this descriptor open and owned by this process;
     // nothing else in the agent uses the number.
     let channel = unsafe { File::from_raw_fd(fd) };
@@ -123,6 +127,23 @@ fn run(mut channel: File, in_vm: bool) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())
     })
+}
+
+/// Closes every descriptor above 2 but `channel`, and marks `channel`
+/// close-on-exec.
+fn close_inherited(channel: RawFd) {
+    let channel = channel as libc::c_uint;
+    // SAFETY: close_range and fcntl take integers and touch only this
+    // process's descriptor table, before any thread or other descriptor
+    // exists.
+    unsafe {
+        if channel > 3 {
+            libc::syscall(libc::SYS_close_range, 3, channel - 1, 0);
+        }
+        libc::syscall(libc::SYS_close_range, channel + 1, libc::c_uint::MAX, 0);
+        let flags = libc::fcntl(channel as RawFd, libc::F_GETFD);
+        libc::fcntl(channel as RawFd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+    }
 }
 
 /// `File` has no `set_nonblocking`; the channel is a socket, which does.

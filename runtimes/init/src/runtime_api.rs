@@ -27,8 +27,8 @@ use tokio::sync::oneshot;
 
 /// Where the API listens, as `AWS_LAMBDA_RUNTIME_API` says.
 pub const ADDRESS: &str = "127.0.0.1:9001";
-/// Largest response a function may post: Lambda's 6 MB.
-pub const MAX_RESPONSE: usize = 6_291_556;
+/// Largest response a function may post: Lambda's, as everywhere in kiln.
+pub use kiln_proto::MAX_RESPONSE;
 const PREFIX: &str = "/2018-06-01/runtime";
 
 /// What init ended with.
@@ -57,6 +57,9 @@ enum Phase {
 
 struct State {
     phase: Phase,
+    /// The invocation answered last: a second answer for it is refused the
+    /// same way whether or not the next invocation has begun.
+    answered: Option<String>,
     pending: Option<Invocation>,
     waiter: Option<oneshot::Sender<Invocation>>,
     result: Option<oneshot::Sender<Outcome>>,
@@ -96,6 +99,7 @@ impl RuntimeApi {
         Self {
             state: Arc::new(Mutex::new(State {
                 phase: Phase::Init,
+                answered: None,
                 pending: None,
                 waiter: None,
                 result: None,
@@ -186,12 +190,7 @@ impl RuntimeApi {
                     Ok(body) => body,
                     Err(reply) => {
                         if reply.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                            self.complete(&id, Outcome::Failed {
-                                error_type: "Function.ResponseSizeTooLarge".into(),
-                                message: format!(
-                                    "Response payload size exceeded maximum allowed payload size ({MAX_RESPONSE} bytes)."
-                                ),
-                            });
+                            self.complete(&id, kiln_proto::response_too_large());
                         }
                         return reply;
                     }
@@ -260,6 +259,13 @@ impl RuntimeApi {
 
     fn complete(&self, id: &str, outcome: Outcome) -> Reply {
         let mut s = self.lock();
+        if s.answered.as_deref() == Some(id) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "InvalidStateTransition",
+                "This invocation already has a response",
+            );
+        }
         let current = match &s.phase {
             Phase::Running { request_id } => request_id.clone(),
             _ => {
@@ -285,6 +291,7 @@ impl RuntimeApi {
             );
         };
         s.phase = Phase::Idle;
+        s.answered = Some(current);
         let _ = result.send(outcome);
         accepted()
     }
@@ -360,4 +367,39 @@ fn deliver(inv: Invocation) -> Reply {
                 "The invocation's headers are not valid",
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invocation(id: &str) -> Invocation {
+        Invocation {
+            request_id: id.to_owned(),
+            deadline_ms: 0,
+            invoked_function_arn: String::new(),
+            trace_id: String::new(),
+            client_context: None,
+            cognito_identity: None,
+            payload: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_second_answer_is_refused_alike_before_and_after_the_next_invocation() {
+        let (init, _) = oneshot::channel();
+        let api = RuntimeApi::new(init);
+        api.lock().phase = Phase::Idle;
+        let (tx, _rx) = oneshot::channel();
+        api.invoke(invocation("a"), tx);
+        assert_eq!(api.complete("a", Outcome::Response(vec![])).status(), 202);
+        // Before the next invocation...
+        assert_eq!(api.complete("a", Outcome::Response(vec![])).status(), 403);
+        // ...and while it runs: the same answer, whatever the timing.
+        let (tx, _rx2) = oneshot::channel();
+        api.invoke(invocation("b"), tx);
+        assert_eq!(api.complete("a", Outcome::Response(vec![])).status(), 403);
+        assert_eq!(api.complete("x", Outcome::Response(vec![])).status(), 400);
+        assert_eq!(api.complete("b", Outcome::Response(vec![])).status(), 202);
+    }
 }

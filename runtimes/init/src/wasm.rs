@@ -85,9 +85,13 @@ impl WasmFunction {
             invoked_function_arn: inv.invoked_function_arn.clone(),
             trace_id: inv.trace_id.clone(),
             timeout: Duration::from_millis(inv.deadline_ms.saturating_sub(now_ms).max(1)),
+            client_context: inv.client_context.clone(),
         };
         let report = self.env.invoke(&inv.payload, &ctx).await;
         let outcome = match report.outcome {
+            kiln_wasm::Outcome::Response(bytes) if bytes.len() > kiln_proto::MAX_RESPONSE => {
+                kiln_proto::response_too_large()
+            }
             kiln_wasm::Outcome::Response(bytes) => Outcome::Response(bytes),
             other => {
                 let (error_type, message, fatal) = failure(other, Some(&inv.request_id));

@@ -33,8 +33,23 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame body: a 6 MB payload plus headers and logs.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
-/// Largest payload of an invocation or a response.
+/// Largest payload of an invocation or a response in a frame (room for
+/// the largest response, [`MAX_RESPONSE`]).
 pub const MAX_PAYLOAD: usize = 6 * 1024 * 1024 + 4096;
+/// Largest response a function may return, as Lambda counts it on every
+/// path (the Runtime API, Wasm in-process and Wasm in a jail): 6,291,556
+/// bytes; one more is `Function.ResponseSizeTooLarge`.
+pub const MAX_RESPONSE: usize = 6_291_556;
+
+/// The error of a response over [`MAX_RESPONSE`], in Lambda's words.
+pub fn response_too_large() -> Outcome {
+    Outcome::Failed {
+        error_type: "Function.ResponseSizeTooLarge".to_owned(),
+        message: format!(
+            "Response payload size exceeded maximum allowed payload size ({MAX_RESPONSE} bytes)."
+        ),
+    }
+}
 /// Longest string field (names, ARNs, messages, variables).
 pub const MAX_STRING: usize = 64 * 1024;
 /// Most environment variables.

@@ -77,6 +77,8 @@ pub struct InvocationContext {
     /// The function's Timeout: the invocation's deadline is this far from
     /// its start.
     pub timeout: Duration,
+    /// The caller's client context (JSON), if it passed one.
+    pub client_context: Option<String>,
 }
 
 /// A call that went wrong in a way that ends the environment.
@@ -337,7 +339,7 @@ impl Environment {
                 duration: start.elapsed(),
             };
         };
-        self.begin(None, start + timeout);
+        self.begin(None, start + timeout, None);
         let call = init.call_async(&mut self.store, ());
         let result = tokio::time::timeout(timeout, call).await;
         let outcome = match result {
@@ -376,7 +378,11 @@ impl Environment {
             };
         }
         let deadline = start + ctx.timeout;
-        self.begin(Some(ctx.request_id.clone()), deadline);
+        self.begin(
+            Some(ctx.request_id.clone()),
+            deadline,
+            ctx.client_context.clone(),
+        );
         let wit_ctx = WitContext {
             request_id: ctx.request_id.clone(),
             deadline_ms: epoch_millis(SystemTime::now() + ctx.timeout),
@@ -410,11 +416,17 @@ impl Environment {
         }
     }
 
-    fn begin(&mut self, request_id: Option<String>, deadline: Instant) {
+    fn begin(
+        &mut self,
+        request_id: Option<String>,
+        deadline: Instant,
+        client_context: Option<String>,
+    ) {
         let data = self.store.data_mut();
         data.current = Some(Current {
             request_id: request_id.unwrap_or_default(),
             deadline,
+            client_context,
         });
         data.fatal = None;
         self.store.set_epoch_deadline(1);

@@ -36,6 +36,7 @@ pub(crate) struct HostState {
 pub(crate) struct Current {
     pub(crate) request_id: String,
     pub(crate) deadline: Instant,
+    pub(crate) client_context: Option<String>,
 }
 
 impl WasiView for HostState {
@@ -136,6 +137,10 @@ impl runtime::Host for HostState {
                 .try_into()
                 .unwrap_or(u64::MAX)
         }))
+    }
+
+    fn client_context(&mut self) -> Result<Option<String>> {
+        Ok(self.current.as_ref().and_then(|c| c.client_context.clone()))
     }
 
     fn report_fatal(&mut self, error: FunctionError) -> Result<()> {

@@ -73,6 +73,7 @@ fn ctx(timeout_ms: u64) -> InvocationContext {
         invoked_function_arn: "arn:aws:lambda:us-east-1:000000000000:function:fixture".into(),
         trace_id: "Root=1-00000000-000000000000000000000000".into(),
         timeout: Duration::from_millis(timeout_ms),
+        client_context: None,
     }
 }
 

@@ -18,6 +18,7 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
             "memory": ctx.env_config.memory,
             "version": ctx.env_config.version,
             "log_stream": ctx.env_config.log_stream,
+            "client_context": ctx.client_context,
         })),
         "env" => Ok(json!(
             std::env::vars().collect::<std::collections::BTreeMap<_, _>>()

@@ -31,6 +31,7 @@ fn run(event: Request, ctx: &Context) -> Result<Value, Error> {
             "invoked_function_arn": ctx.invoked_function_arn,
             "memory_limit_mb": ctx.memory_limit_mb,
             "trace_id": ctx.trace_id,
+            "client_context": ctx.client_context,
             "remaining_ms": ctx.remaining_time().as_millis() as u64,
         })),
         "env" => Ok(json!(
@@ -39,6 +40,13 @@ fn run(event: Request, ctx: &Context) -> Result<Value, Error> {
         "invoke" => Ok(call_kiln(&event.arg)),
         "error" => Err(Error::new("Custom", "requested failure")),
         "panic" => panic!("boom: {}", event.arg),
+        "print_spin" => {
+            println!("still working on {}", ctx.request_id);
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
         "spin" => {
             let mut x: u64 = 0;
             loop {

@@ -117,6 +117,7 @@ fn main() {
                 "deadline_ms": next.header("Lambda-Runtime-Deadline-Ms"),
                 "invoked_function_arn": next.header("Lambda-Runtime-Invoked-Function-Arn"),
                 "trace_id": next.header("Lambda-Runtime-Trace-Id"),
+                "client_context": next.header("Lambda-Runtime-Client-Context"),
             })),
             "env" => Ok(json!(
                 std::env::vars().collect::<std::collections::BTreeMap<_, _>>()
@@ -141,9 +142,18 @@ fn main() {
                 }))
             }
             "error" => Err(("Fixture.Custom".into(), "requested failure".into())),
+            // A JSON string of `arg` characters (`arg` + 2 bytes with its quotes).
+            "big" => Ok(json!("y".repeat(arg.as_u64().unwrap_or(0) as usize))),
             "exit" => std::process::exit(arg.as_i64().unwrap_or(3) as i32),
             "sleep" => {
                 std::thread::sleep(Duration::from_millis(arg.as_u64().unwrap_or(1000)));
+                Ok(json!("slept"))
+            }
+            // Says something, then overruns its Timeout.
+            "print_sleep" => {
+                println!("still working on {id}");
+                let _ = std::io::stdout().flush();
+                std::thread::sleep(Duration::from_millis(arg.as_u64().unwrap_or(60_000)));
                 Ok(json!("slept"))
             }
             "grow" => {
@@ -207,6 +217,43 @@ fn main() {
                     }
                     Err(e) => json!({"err": e.to_string()}),
                 })
+            }
+            // Every descriptor the runtime holds, with what it is (the
+            // directory being listed is left out), and what writing to
+            // the ones the event names does.
+            "fds" => {
+                let mut open = serde_json::Map::new();
+                if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+                    let listing = std::fs::read_link("/proc/self/fd")
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    for e in entries.flatten() {
+                        let target = std::fs::read_link(e.path())
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default();
+                        if target.ends_with("/fd") || target == listing {
+                            continue;
+                        }
+                        open.insert(e.file_name().to_string_lossy().into_owned(), json!(target));
+                    }
+                }
+                let mut writes = serde_json::Map::new();
+                for fd in arg
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_i64)
+                {
+                    let data = b"forged by the function\n";
+                    // SAFETY: a write of a live buffer to a descriptor
+                    // number that may or may not be open.
+                    let n = unsafe { libc::write(fd as i32, data.as_ptr().cast(), data.len()) };
+                    writes.insert(
+                        fd.to_string(),
+                        json!(if n < 0 { -errno() } else { n as i32 }),
+                    );
+                }
+                Ok(json!({"open": open, "writes": writes}))
             }
             "interfaces" => Ok(json!(
                 std::fs::read_to_string("/proc/net/dev").unwrap_or_default()

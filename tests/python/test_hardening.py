@@ -1,0 +1,371 @@
+"""Issue 16: the holes a hostile tenant and outside clients found, each
+reproduced against the real binary: role passing, IAM conditions, tags,
+response sizes, client context, bootstraps that are not static, archives
+with links, and STS/IAM for tools such as cargo-lambda."""
+
+import base64
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from botocore.exceptions import ClientError
+
+from conftest import ROOT_ENV, create, kiln
+
+ARN = "arn:aws:lambda:us-east-1:000000000000"
+IAM = "arn:aws:iam::000000000000"
+
+
+def error_of(call):
+    try:
+        call()
+    except ClientError as e:
+        return e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"], e.response["Error"]["Message"]
+    raise AssertionError("the call succeeded")
+
+
+def policy_file(tmp_path, name, statements):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"Version": "2012-10-17", "Statement": statements}))
+    return str(path)
+
+
+def key_client(server, tmp_path, name, statements, service="lambda"):
+    """A client signing with a new key whose policy is `statements`."""
+    key = kiln(server, "keys", "create", name, "--policy", policy_file(tmp_path, name, statements))["AccessKey"]
+    return server.client(service, aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+
+
+def call(lam, name, event, **kw):
+    r = lam.invoke(FunctionName=name, Payload=json.dumps(event).encode(), **kw)
+    body = r["Payload"].read()
+    return r, json.loads(body) if body else None
+
+
+# --- 1. role passing --------------------------------------------------------
+
+
+def test_a_function_cannot_take_a_role_its_creator_may_not_pass(server, lam, artifacts, tmp_path):
+    """The attack: a key allowed to create dev-* functions named a powerful
+    role as their Role and read the role's credentials from inside. Now the
+    key needs iam:PassRole on that role, as in IAM."""
+    admin = kiln(server, "roles", "create", "esc-admin", "--policy",
+                 policy_file(tmp_path, "admin", [{"Effect": "Allow", "Action": "lambda:*", "Resource": "*"}]))["Role"]
+    worker = kiln(server, "roles", "create", "dev-worker", "--policy",
+                  policy_file(tmp_path, "worker", [{"Effect": "Allow", "Action": "lambda:GetFunction", "Resource": "*"}]))["Role"]
+    dev = key_client(server, tmp_path, "dev", [
+        {"Effect": "Allow", "Action": ["lambda:CreateFunction", "lambda:InvokeFunction", "lambda:GetFunction",
+                                       "lambda:UpdateFunctionConfiguration"],
+         "Resource": f"{ARN}:function:dev-*"},
+        {"Effect": "Allow", "Action": "iam:PassRole", "Resource": f"{IAM}:role/dev-*"},
+    ])
+    code, status, message = error_of(lambda: create(dev, "dev-esc", artifacts["misbehave"], Role=admin["Arn"]))
+    assert (code, status) == ("AccessDeniedException", 403)
+    assert message == (f"User: {IAM}:user/dev is not authorized to perform: iam:PassRole on resource: "
+                       f"{admin['Arn']} because no identity-based policy allows the iam:PassRole action")
+    assert error_of(lambda: lam.get_function(FunctionName="dev-esc"))[0] == "ResourceNotFoundException"
+
+    # A role it may pass works, and the function gets that role's credentials.
+    create(dev, "dev-ok", artifacts["misbehave"], Role=worker["Arn"])
+    _, env = call(dev, "dev-ok", {"action": "env"})
+    assert env["AWS_ACCESS_KEY_ID"].startswith("ASIA")
+    # Switching it to the powerful role later is refused the same way.
+    code, _, message = error_of(lambda: dev.update_function_configuration(FunctionName="dev-ok", Role=admin["Arn"]))
+    assert code == "AccessDeniedException" and "iam:PassRole" in message and admin["Arn"] in message
+    assert lam.get_function(FunctionName="dev-ok")["Configuration"]["Role"] == worker["Arn"]
+
+
+def test_roles_must_exist_and_be_this_accounts(lam, artifacts):
+    code, status, message = error_of(lambda: create(lam, "no-role", artifacts["hello"], Role=f"{IAM}:role/nobody"))
+    assert (code, status) == ("InvalidParameterValueException", 400)
+    assert message.startswith("The role defined for the function cannot be assumed by Lambda")
+    assert "kiln roles create" in message
+    code, _, message = error_of(lambda: create(lam, "other-account", artifacts["hello"],
+                                               Role="arn:aws:iam::123456789012:role/kiln-function"))
+    assert code == "InvalidParameterValueException" and "123456789012" in message
+    # The default role exists on a new server and is allowed nothing.
+    create(lam, "default-role", artifacts["misbehave"])
+    _, env = call(lam, "default-role", {"action": "env"})
+    assert env["AWS_SESSION_TOKEN"]
+    _, denied = call(lam, "default-role", {"action": "invoke", "arg": {"function": "default-role"}})
+    assert (denied["status"], denied["error_type"]) == (403, "AccessDeniedException"), denied
+
+
+def test_tags_hold_lambdas_alphabet_only(lam, artifacts):
+    create(lam, "tagged", artifacts["hello"])
+    arn = f"{ARN}:function:tagged"
+    for tags in ({'a"b': "v"}, {"k": "x;y"}, {"k": "nul\0"}):
+        code, status, _ = error_of(lambda: lam.tag_resource(Resource=arn, Tags=tags))
+        assert (code, status) == ("InvalidParameterValueException", 400), tags
+    lam.tag_resource(Resource=arn, Tags={"team": "a b_c.d:e/f=g+h-i@j"})
+    assert lam.list_tags(Resource=arn)["Tags"] == {"team": "a b_c.d:e/f=g+h-i@j"}
+
+
+# --- 9. IAM conditions --------------------------------------------------------
+
+
+def test_conditional_denies_apply(server, lam, artifacts, tmp_path):
+    create(lam, "cond-open", artifacts["hello"])
+    create(lam, "cond-kept", artifacts["hello"], Tags={"protected": "true"})
+    user = key_client(server, tmp_path, "conditional", [
+        {"Effect": "Allow", "Action": ["lambda:*", "iam:PassRole"], "Resource": "*"},
+        # Tagged functions cannot be deleted.
+        {"Effect": "Deny", "Action": "lambda:DeleteFunction", "Resource": "*",
+         "Condition": {"StringEquals": {"aws:ResourceTag/protected": "true"}}},
+        # Nothing from loopback may change concurrency.
+        {"Effect": "Deny", "Action": "lambda:PutFunctionConcurrency", "Resource": "*",
+         "Condition": {"IpAddress": {"aws:SourceIp": "127.0.0.0/8"}}},
+        # Without TLS, no policy reads.
+        {"Effect": "Deny", "Action": "lambda:GetPolicy", "Resource": "*",
+         "Condition": {"Bool": {"aws:SecureTransport": "false"}}},
+        # A deny that starts in 2099 does not apply yet.
+        {"Effect": "Deny", "Action": "lambda:InvokeFunction", "Resource": "*",
+         "Condition": {"DateGreaterThan": {"aws:CurrentTime": "2099-01-01T00:00:00Z"}}},
+        # New functions must say their team; no one may set a "secret" tag.
+        {"Effect": "Deny", "Action": "lambda:CreateFunction", "Resource": "*",
+         "Condition": {"Null": {"aws:RequestTag/team": "true"}}},
+        {"Effect": "Deny", "Action": ["lambda:TagResource", "lambda:CreateFunction"], "Resource": "*",
+         "Condition": {"ForAnyValue:StringEquals": {"aws:TagKeys": ["secret"]}}},
+        # Only the conditional user's own name passes this one.
+        {"Effect": "Deny", "Action": "lambda:ListFunctions", "Resource": "*",
+         "Condition": {"StringNotEquals": {"aws:username": "conditional"}}},
+        # No versions at all: any time after 1970.
+        {"Effect": "Deny", "Action": "lambda:PublishVersion", "Resource": "*",
+         "Condition": {"NumericGreaterThan": {"aws:EpochTime": "0"}}},
+    ])
+    denied = lambda f: error_of(f)[0] == "AccessDeniedException"  # noqa: E731
+    assert denied(lambda: user.delete_function(FunctionName="cond-kept"))
+    assert denied(lambda: user.put_function_concurrency(FunctionName="cond-open", ReservedConcurrentExecutions=1))
+    assert denied(lambda: user.get_policy(FunctionName="cond-open"))
+    assert denied(lambda: user.publish_version(FunctionName="cond-open"))
+    assert user.invoke(FunctionName="cond-open")["StatusCode"] == 200
+    assert user.list_functions()["Functions"]
+    assert denied(lambda: create(user, "cond-new", artifacts["hello"]))
+    assert denied(lambda: create(user, "cond-new", artifacts["hello"], Tags={"team": "a", "secret": "x"}))
+    assert denied(lambda: user.tag_resource(Resource=f"{ARN}:function:cond-open", Tags={"secret": "1"}))
+    create(user, "cond-new", artifacts["hello"], Tags={"team": "a"})
+    user.tag_resource(Resource=f"{ARN}:function:cond-open", Tags={"ok": "1"})
+    user.delete_function(FunctionName="cond-open")
+    # An explicit deny names itself.
+    message = error_of(lambda: user.delete_function(FunctionName="cond-kept"))[2]
+    assert "with an explicit deny in an identity-based policy" in message
+
+
+def test_a_role_session_carries_its_function(server, lam, artifacts, tmp_path):
+    """lambda:SourceFunctionArn and aws:PrincipalArn of a function's own
+    credentials."""
+    role = kiln(server, "roles", "create", "src-fn", "--policy", policy_file(tmp_path, "src", [
+        {"Effect": "Allow", "Action": "lambda:InvokeFunction", "Resource": "*",
+         "Condition": {"ArnEquals": {"lambda:SourceFunctionArn": f"{ARN}:function:src-caller"},
+                       "StringEquals": {"aws:PrincipalArn": f"{IAM}:role/src-fn"}}},
+    ]))["Role"]
+    create(lam, "src-caller", artifacts["misbehave"], Role=role["Arn"])
+    create(lam, "src-other", artifacts["misbehave"], Role=role["Arn"])
+    create(lam, "src-target", artifacts["hello"])
+    _, ok = call(lam, "src-caller", {"action": "invoke", "arg": {"function": "src-target"}})
+    assert ok["status"] == 200, ok
+    _, no = call(lam, "src-other", {"action": "invoke", "arg": {"function": "src-target"}})
+    assert (no["status"], no["error_type"]) == (403, "AccessDeniedException"), no
+
+
+# --- 15, 16. response size, client context -------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_responses_up_to_lambdas_limit_pass(lam, artifacts, runtime):
+    name = f"big-{runtime}"
+    if runtime == "wasm":
+        create(lam, name, artifacts["misbehave"], MemorySize=256)
+    else:
+        create(lam, name, artifacts["native-misbehave"], Runtime="provided.al2023", Handler="bootstrap",
+               MemorySize=256)
+    limit = 6_291_556
+    # A JSON string of n characters is n + 2 bytes.
+    r = lam.invoke(FunctionName=name, Payload=json.dumps({"action": "big", "arg": limit - 2}).encode())
+    body = r["Payload"].read()
+    assert "FunctionError" not in r and len(body) == limit
+    r, body = call(lam, name, {"action": "big", "arg": limit - 1})
+    assert r["FunctionError"] == "Unhandled"
+    assert body == {"errorType": "Function.ResponseSizeTooLarge",
+                    "errorMessage": f"Response payload size exceeded maximum allowed payload size ({limit} bytes)."}
+
+
+def test_the_client_context_reaches_the_function(lam, artifacts):
+    create(lam, "ctx-wasm", artifacts["misbehave"])
+    create(lam, "ctx-native", artifacts["native-misbehave"], Runtime="provided.al2023", Handler="bootstrap")
+    create(lam, "ctx-lambda-rt", artifacts["lambda-rt"], Runtime="provided.al2023", Handler="bootstrap")
+    # The mobile SDKs' shape, which the Rust runtime client parses strictly.
+    context = {"client": {"installation_id": "i-1", "app_title": "kiln", "app_version_name": "1.0",
+                          "app_version_code": "1", "app_package_name": "dev.kiln"},
+               "custom": {"k": "v"}, "env": {"platform": "x"}}
+    encoded = base64.b64encode(json.dumps(context).encode()).decode()
+    for name in ("ctx-wasm", "ctx-native", "ctx-lambda-rt"):
+        _, seen = call(lam, name, {"action": "context"}, ClientContext=encoded)
+        assert "client_context" in seen, (name, seen)
+        got = seen["client_context"]
+        got = json.loads(got) if isinstance(got, str) else got
+        client = got["client"]
+        # The Rust runtime client writes its fields back in camelCase.
+        assert got["custom"] == {"k": "v"}, (name, seen)
+        assert client.get("installation_id", client.get("installationId")) == "i-1", (name, seen)
+        _, none = call(lam, name, {"action": "context"})
+        assert none["client_context"] in (None, ""), (name, none)
+    code, status, message = error_of(lambda: lam.invoke(FunctionName="ctx-wasm", ClientContext="!!not base64"))
+    assert (code, status) == ("InvalidRequestContentException", 400) and "Base64" in message
+
+
+def test_the_aws_cli_passes_its_client_context(server, lam, artifacts, tmp_path):
+    create(lam, "ctx-cli", artifacts["misbehave"])
+    encoded = base64.b64encode(b'{"custom":{"from":"cli"}}').decode()
+    out = tmp_path / "out.json"
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ROOT_ENV["KILN_ROOT_ACCESS_KEY_ID"],
+               AWS_SECRET_ACCESS_KEY=ROOT_ENV["KILN_ROOT_SECRET_ACCESS_KEY"], AWS_DEFAULT_REGION="us-east-1")
+    venv_bin = pathlib.Path(sys.executable).parent
+    subprocess.run([str(venv_bin / "aws"), "lambda", "invoke", "--endpoint-url", server.endpoint,
+                    "--function-name", "ctx-cli", "--payload", '{"action":"context"}', "--client-context", encoded,
+                    str(out)], check=True, env=env, capture_output=True, timeout=60)
+    assert json.loads(json.loads(out.read_text())["client_context"]) == {"custom": {"from": "cli"}}
+
+
+# --- 17, 18. bootstraps that are not static, archives with links ---------------
+
+
+def zip_with(files):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, (data, mode) in files.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (mode & 0xFFFF) << 16
+            z.writestr(info, data)
+    return buf.getvalue()
+
+
+def test_a_bootstrap_that_needs_what_is_missing_says_so(lam):
+    glibc = pathlib.Path("/bin/true").read_bytes()  # dynamically linked against glibc
+    create(lam, "glibc-bootstrap", zip_with({"bootstrap": (glibc, 0o100755)}),
+           Runtime="provided.al2023", Handler="bootstrap")
+    r = lam.invoke(FunctionName="glibc-bootstrap", LogType="Tail")
+    body = json.loads(r["Payload"].read())
+    assert body["errorType"] == "Runtime.InvalidEntrypoint"
+    assert "ELF interpreter /lib64/ld-linux-x86-64.so.2" in body["errorMessage"], body
+    assert "x86_64-unknown-linux-musl" in body["errorMessage"]
+    assert "ELF interpreter /lib64/ld-linux-x86-64.so.2" in base64.b64decode(r["LogResult"]).decode()
+
+    create(lam, "sh-bootstrap", zip_with({"bootstrap": (b"#!/bin/sh\necho hi\n", 0o100755)}),
+           Runtime="provided.al2023", Handler="bootstrap")
+    r = lam.invoke(FunctionName="sh-bootstrap")
+    body = json.loads(r["Payload"].read())
+    assert body["errorType"] == "Runtime.InvalidEntrypoint"
+    assert "interpreter /bin/sh (its #! line)" in body["errorMessage"], body
+
+
+def test_archives_with_links_inside_them_deploy(lam, artifacts):
+    with zipfile.ZipFile(io.BytesIO(artifacts["native-misbehave"])) as z:
+        bootstrap = z.read("bootstrap")
+    files = {
+        "bin/real-bootstrap": (bootstrap, 0o100755),
+        "bootstrap": (b"bin/real-bootstrap", 0o120777),
+        "data/v1/greeting.txt": (b"hello", 0o100644),
+        "data/current": (b"v1", 0o120777),
+    }
+    create(lam, "linked", zip_with(files), Runtime="provided.al2023", Handler="bootstrap")
+    _, body = call(lam, "linked", {"action": "read", "arg": "/var/task/data/current/greeting.txt"})
+    assert body == {"ok": "hello"}
+    # A link that leads out of the archive is refused, naming it.
+    code, status, message = error_of(lambda: create(
+        lam, "escaping", zip_with({"bootstrap": (bootstrap, 0o100755), "etc": (b"../../../../etc", 0o120777)}),
+        Runtime="provided.al2023", Handler="bootstrap"))
+    assert (code, status) == ("InvalidParameterValueException", 400)
+    assert '"etc"' in message and "outside the archive" in message
+    # Layers keep theirs at /opt.
+    layer = lam.publish_layer_version(LayerName="linked-layer", Content={"ZipFile": zip_with({
+        "lib/libx.so.1": (b"lib", 0o100644), "lib/libx.so": (b"libx.so.1", 0o120777)})})
+    lam.update_function_configuration(FunctionName="linked", Layers=[layer["LayerVersionArn"]])
+    lam.get_waiter("function_updated_v2").wait(FunctionName="linked", WaiterConfig={"Delay": 1, "MaxAttempts": 5})
+    _, body = call(lam, "linked", {"action": "read", "arg": "/opt/lib/libx.so"})
+    assert body == {"ok": "lib"}
+
+
+# --- 19. STS and IAM for the tools that call them -------------------------------
+
+
+def test_sts_get_caller_identity_answers_every_caller(server, lam, artifacts, tmp_path):
+    sts = server.client("sts")
+    me = sts.get_caller_identity()
+    assert (me["Account"], me["Arn"], me["UserId"]) == ("000000000000", f"{IAM}:root", "000000000000")
+    # Even a key allowed nothing may ask who it is.
+    as_user = key_client(server, tmp_path, "sts-user", [{"Effect": "Deny", "Action": "*", "Resource": "*"}], "sts")
+    assert as_user.get_caller_identity()["Arn"] == f"{IAM}:user/sts-user"
+    create(lam, "sts-fn", artifacts["misbehave"])
+    _, env = call(lam, "sts-fn", {"action": "env"})
+    as_role = server.client("sts", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                            aws_session_token=env["AWS_SESSION_TOKEN"])
+    arn = as_role.get_caller_identity()["Arn"]
+    assert arn.startswith("arn:aws:sts::000000000000:assumed-role/kiln-function/sts-fn-"), arn
+    bad = server.client("sts", aws_secret_access_key="x" * 40)
+    code, status, _ = error_of(bad.get_caller_identity)
+    assert (code, status) == ("SignatureDoesNotMatch", 403)
+    # The AWS CLI too.
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ROOT_ENV["KILN_ROOT_ACCESS_KEY_ID"],
+               AWS_SECRET_ACCESS_KEY=ROOT_ENV["KILN_ROOT_SECRET_ACCESS_KEY"], AWS_DEFAULT_REGION="us-east-1")
+    venv_bin = pathlib.Path(sys.executable).parent
+    out = subprocess.run([str(venv_bin / "aws"), "sts", "get-caller-identity", "--endpoint-url", server.endpoint],
+                         check=True, env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout)["Arn"] == f"{IAM}:root"
+
+
+def test_iam_roles_for_tools_and_assume_role(server, lam, artifacts):
+    iam = server.client("iam")
+    trust = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {"Service": "lambda.amazonaws.com"}}]}
+    role = iam.create_role(RoleName="tool-role", AssumeRolePolicyDocument=json.dumps(trust))["Role"]
+    assert role["Arn"] == f"{IAM}:role/tool-role" and role["RoleId"].startswith("AROA")
+    code, status, _ = error_of(lambda: iam.create_role(RoleName="tool-role", AssumeRolePolicyDocument=json.dumps(trust)))
+    assert (code, status) == ("EntityAlreadyExists", 409)
+    iam.attach_role_policy(RoleName="tool-role",
+                           PolicyArn="arn:aws:iam::aws:policy/service-role/AWSLambdaRole")
+    code, status, _ = error_of(lambda: iam.attach_role_policy(RoleName="tool-role",
+                                                              PolicyArn="arn:aws:iam::aws:policy/AdministratorAccess"))
+    assert (code, status) == ("NoSuchEntity", 404)
+    assert iam.get_role(RoleName="tool-role")["Role"]["RoleName"] == "tool-role"
+    # AWSLambdaRole lets its sessions invoke functions.
+    create(lam, "tool-target", artifacts["hello"])
+    creds = server.client("sts").assume_role(RoleArn=role["Arn"], RoleSessionName="tools")["Credentials"]
+    as_role = server.client(aws_access_key_id=creds["AccessKeyId"], aws_secret_access_key=creds["SecretAccessKey"],
+                            aws_session_token=creds["SessionToken"])
+    assert as_role.invoke(FunctionName="tool-target")["StatusCode"] == 200
+    assert error_of(lambda: as_role.delete_function(FunctionName="tool-target"))[0] == "AccessDeniedException"
+
+
+def test_cargo_lambda_deploys_without_an_iam_role(server, artifacts, tmp_path):
+    """cargo-lambda 1.9 calls STS GetCallerIdentity, IAM CreateRole and
+    AttachRolePolicy, STS AssumeRole, IAM UpdateAssumeRolePolicy and then
+    Lambda's CreateFunction, all at --endpoint-url."""
+    cargo_lambda = pathlib.Path(sys.executable).parent / "cargo-lambda"
+    project = tmp_path / "cl-project"
+    (project / "src").mkdir(parents=True)
+    (project / "Cargo.toml").write_text('[package]\nname = "clfn"\nversion = "0.1.0"\nedition = "2021"\n')
+    (project / "src" / "main.rs").write_text("fn main() {}\n")
+    built = project / "target" / "lambda" / "clfn"
+    built.mkdir(parents=True)
+    with zipfile.ZipFile(io.BytesIO(artifacts["native-misbehave"])) as z:
+        (built / "bootstrap").write_bytes(z.read("bootstrap"))
+    (built / "bootstrap").chmod(0o755)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ROOT_ENV["KILN_ROOT_ACCESS_KEY_ID"],
+               AWS_SECRET_ACCESS_KEY=ROOT_ENV["KILN_ROOT_SECRET_ACCESS_KEY"], AWS_REGION="us-east-1")
+    # The project's own target dir holds the binary (the suite's is elsewhere).
+    env.pop("CARGO_TARGET_DIR", None)
+    out = subprocess.run([str(cargo_lambda), "lambda", "deploy", "--endpoint-url", server.endpoint, "clfn"],
+                         cwd=project, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lam = server.client()
+    config = lam.get_function(FunctionName="clfn")["Configuration"]
+    assert config["Role"].startswith(f"{IAM}:role/cargo-lambda-role-"), config
+    _, body = call(lam, "clfn", {"action": "echo", "arg": "deployed"})
+    assert body == "deployed"
