@@ -112,6 +112,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_bytes_per_function: args.log_retention_mb.saturating_mul(1 << 20),
         },
         telemetry: args.telemetry == "on",
+        max_connections: args.max_connections,
+        header_timeout: std::time::Duration::from_secs(args.header_timeout.max(1)),
         ..ServerConfig::new()
     };
     let server = Server::start(config)

@@ -78,6 +78,12 @@ pub struct ServerConfig {
     /// Function logs at rest, metrics and console activity; off only to
     /// measure their cost.
     pub telemetry: bool,
+    /// Most API connections at once; by default half the open-files limit
+    /// the server runs with.
+    pub max_connections: Option<usize>,
+    /// How long a request head may take to arrive (and a kept-alive
+    /// connection may idle).
+    pub header_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -102,6 +108,8 @@ impl ServerConfig {
             log_retention: Default::default(),
             guest_kernel: None,
             telemetry: true,
+            max_connections: None,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -172,6 +180,7 @@ pub enum StartError {
 /// A started server.
 pub struct Server {
     listener: tokio::net::TcpListener,
+    connections: crate::api::connections::ConnectionLimits,
     router: axum::Router,
     state: AppState,
     addr: SocketAddr,
@@ -204,6 +213,12 @@ impl Server {
             )));
         }
         let mut config = config;
+        let open_files = raise_open_files_limit();
+        let mut connections = crate::api::connections::ConnectionLimits::for_open_files(open_files);
+        connections.header_timeout = config.header_timeout;
+        if let Some(max) = config.max_connections {
+            connections.max_connections = max.max(1);
+        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -328,6 +343,7 @@ impl Server {
         let router = api::router(state.clone());
         Ok(Self {
             listener,
+            connections,
             router,
             state,
             addr,
@@ -365,13 +381,9 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> io::Result<()> {
-        let served = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
+        let served =
+            crate::api::connections::serve(self.listener, self.router, self.connections, shutdown)
+                .await;
         // The trail's last records get their signed digest at shutdown.
         let audit = self.state.audit.clone();
         match tokio::task::spawn_blocking(move || audit.write_digest()).await {
@@ -494,6 +506,32 @@ async fn microvm_sandbox(
     );
     let sandbox = MicroVmSandbox::new(image, runtime, group).map_err(|e| e.to_string())?;
     Ok(Arc::new(sandbox))
+}
+
+/// Raises the soft limit on open files to the hard limit (a server's
+/// connections, environments and logs all need descriptors; the soft limit
+/// a shell hands down is often 1,024) and returns the limit now in force.
+fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
 }
 
 /// Takes an exclusive lock on the data dir for the life of the server.

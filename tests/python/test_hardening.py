@@ -15,7 +15,7 @@ import zipfile
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import ROOT_ENV, create, kiln
+from conftest import ROOT_ENV, KilnServer, create, kiln, kiln_bin
 
 ARN = "arn:aws:lambda:us-east-1:000000000000"
 IAM = "arn:aws:iam::000000000000"
@@ -369,3 +369,157 @@ def test_cargo_lambda_deploys_without_an_iam_role(server, artifacts, tmp_path):
     assert config["Role"].startswith(f"{IAM}:role/cargo-lambda-role-"), config
     _, body = call(lam, "clfn", {"action": "echo", "arg": "deployed"})
     assert body == "deployed"
+
+
+# --- 2. descriptors -----------------------------------------------------------
+
+
+def native(lam, name, zip_bytes, **kw):
+    return create(lam, name, zip_bytes, Runtime="provided.al2023", Handler="bootstrap", **kw)
+
+
+def test_no_host_descriptor_reaches_a_function(tmp_path, artifacts):
+    """The server is started with a root-only file open (as a careless
+    shell might leave one); a function sees only 0, 1 and 2, can write to
+    none of the others, and cannot forge a frame on the agent's channel."""
+    secret = tmp_path / "root-only.log"
+    secret.write_text("host secret\n")
+    secret.chmod(0o600)
+    fd = os.open(secret, os.O_WRONLY | os.O_APPEND)
+    try:
+        srv = KilnServer(tmp_path / "data", pass_fds=[fd]).start()
+    finally:
+        os.close(fd)
+    try:
+        lam = srv.client()
+        native(lam, "fds", artifacts["native-misbehave"])
+        r, body = call(lam, "fds", {"action": "fds", "arg": [3, 4, 5, fd, fd + 1]})
+        assert "FunctionError" not in r, body
+        assert sorted(body["open"]) == ["0", "1", "2"], body
+        assert set(body["writes"].values()) == {-9}, body  # EBADF: nothing to write to
+        assert secret.read_text() == "host secret\n"
+        # The agents hold only their channel and what they opened.
+        for pid in subprocess.run(["pgrep", "-f", "kiln-agent"], capture_output=True, text=True).stdout.split():
+            try:
+                cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+                held = [os.readlink(p) for p in pathlib.Path(f"/proc/{pid}/fd").iterdir()]
+            except OSError:
+                continue
+            if str(tmp_path).encode() in cmdline:
+                assert str(secret) not in held, (pid, held)
+    finally:
+        srv.stop()
+
+
+# --- 3. connections -------------------------------------------------------------
+
+
+def test_idle_connections_do_not_take_the_api_down(tmp_path, artifacts):
+    """Under `ulimit -n 1024`, 1,100 idle unauthenticated connections (some
+    with half a request head) while /health and a signed invoke on a new
+    connection still answer within a second."""
+    import resource
+    import socket
+    import time
+    import urllib.request
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+    srv = KilnServer(tmp_path / "data",
+                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))).start()
+    socks = []
+    try:
+        lam = srv.client()
+        create(lam, "conn-fn", artifacts["hello"])
+        assert lam.invoke(FunctionName="conn-fn")["StatusCode"] == 200
+        host, port = srv.endpoint.removeprefix("http://").split(":")
+        deadline = time.monotonic() + 60
+        for i in range(1100):
+            assert time.monotonic() < deadline
+            s = socket.create_connection((host, int(port)), timeout=5)
+            if i % 10 == 0:
+                s.sendall(b"POST /2015-03-31/functions HTTP/1.1\r\nHost: x\r\n")
+            socks.append(s)
+        started = time.monotonic()
+        assert urllib.request.urlopen(srv.endpoint + "/health", timeout=5).read() == b"ok"
+        assert time.monotonic() - started < 1
+        fresh = srv.client()
+        started = time.monotonic()
+        assert fresh.invoke(FunctionName="conn-fn")["StatusCode"] == 200
+        assert time.monotonic() - started < 1
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+    assert "Too many open files" not in "".join(srv.stderr_lines)
+
+
+def test_a_silent_connection_is_closed_after_the_header_timeout(tmp_path):
+    import socket
+    import time
+    srv = KilnServer(tmp_path / "data", ["--header-timeout", "1"]).start()
+    try:
+        host, port = srv.endpoint.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished
+            started = time.monotonic()
+            assert s.recv(1024) == b""  # closed by the server
+            assert 0.5 < time.monotonic() - started < 5
+    finally:
+        srv.stop()
+
+
+# --- 13, 14. timeouts in the log, log retention -----------------------------------
+
+
+def log_events(server, function, *args):
+    """`kiln logs FUNCTION ARGS --output json`: one JSON event per line."""
+    out = subprocess.run([kiln_bin(), "logs", function, *args, "--limit", "10000", "--endpoint", server.endpoint,
+                          "--output", "json"], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, **ROOT_ENV))
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_a_timed_out_invocation_keeps_its_output(server, lam, artifacts, runtime):
+    name = f"late-{runtime}"
+    if runtime == "wasm":
+        create(lam, name, artifacts["misbehave"], Timeout=1)
+        event = {"action": "print_spin"}
+    else:
+        native(lam, name, artifacts["native-misbehave"], Timeout=1)
+        event = {"action": "print_sleep", "arg": 30000}
+    r = lam.invoke(FunctionName=name, Payload=json.dumps(event).encode(), LogType="Tail")
+    body = json.loads(r["Payload"].read())
+    request_id = r["ResponseMetadata"]["RequestId"]
+    assert body["errorType"] == "Sandbox.Timedout"
+    assert body["errorMessage"] == f"RequestId: {request_id} Error: Task timed out after 1.00 seconds"
+    tail = base64.b64decode(r["LogResult"]).decode().splitlines()
+    working = next(i for i, l in enumerate(tail) if l == f"still working on {request_id}")
+    timed_out = next(i for i, l in enumerate(tail) if l.endswith(f" {request_id} Task timed out after 1.00 seconds"))
+    assert working < timed_out < next(i for i, l in enumerate(tail) if l.startswith("END RequestId"))
+    messages = [e["message"] for e in log_events(server, name, "--request-id", request_id)]
+    assert f"still working on {request_id}" in messages
+    assert any(m.endswith("Task timed out after 1.00 seconds") for m in messages)
+
+
+def test_retention_keeps_a_busy_functions_newest_lines(tmp_path, artifacts):
+    srv = KilnServer(tmp_path / "data", ["--log-retention-mb", "4"]).start()
+    try:
+        lam = srv.client()
+        create(lam, "chatty", artifacts["misbehave"])
+        ids = []
+        for _ in range(24):  # 24 x 512 KiB: six times the limit, one stream
+            r = lam.invoke(FunctionName="chatty", Payload=b'{"action": "print", "arg": 512}')
+            ids.append(r["ResponseMetadata"]["RequestId"])
+        kept = sum(p.stat().st_size for p in (tmp_path / "data" / "logs" / "chatty").iterdir())
+        assert 2 << 20 <= kept <= 4 << 20, kept
+        # The last invocations are there whole, the first ones gone.
+        for request_id in ids[-3:]:
+            lines = log_events(srv, "chatty", "--request-id", request_id)
+            assert lines[0]["message"].startswith(f"START RequestId: {request_id}")
+            assert lines[-1]["message"].startswith(f"REPORT RequestId: {request_id}")
+            assert len(lines) == 512 + 4, len(lines)
+        assert not log_events(srv, "chatty", "--request-id", ids[0])
+    finally:
+        srv.stop()

@@ -65,6 +65,10 @@ pub(crate) async fn guard(
             Err(refused) => return refused,
         },
     };
+    // A known caller's connection is kept when the server sheds idle ones.
+    if let Some(connection) = parts.extensions.get::<super::connections::ConnectionAuth>() {
+        connection.authenticated();
+    }
     let identity = &caller.identity;
 
     let route = matched.as_ref().map_or("", |m| m.as_str());

@@ -5,6 +5,7 @@
 //! Bodies are read here, within per-operation size limits, so that an
 //! oversized request gets Lambda's error type rather than a bare 413.
 
+pub mod connections;
 mod console;
 mod error;
 mod functions;
@@ -321,22 +322,56 @@ pub(crate) async fn blocking<T: Send + 'static, E: Send + 'static>(
         .map_err(error)
 }
 
+/// How long a request body may go without a byte: a client that stops
+/// half-way through a body does not hold its connection (and whatever
+/// waits on it) for longer.
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Reads a body of at most `limit` bytes; a larger one is answered with
-/// `too_large`.
+/// `too_large`, one that stalls for [`BODY_IDLE_TIMEOUT`] with 408.
 pub(crate) async fn read_body(
     body: Body,
     limit: usize,
     too_large: impl FnOnce() -> ApiError,
 ) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let length_limit = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if length_limit {
-            too_large()
-        } else {
-            ApiError::invalid_content(format!("could not read the request body: {e}"))
+    read_body_within(body, limit, BODY_IDLE_TIMEOUT, too_large).await
+}
+
+async fn read_body_within(
+    body: Body,
+    limit: usize,
+    idle: std::time::Duration,
+    too_large: impl FnOnce() -> ApiError,
+) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt as _;
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut bytes = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "RequestTimeoutException",
+                    format!(
+                        "The request body stopped arriving for {} ms",
+                        idle.as_millis()
+                    ),
+                ));
+            }
+            Ok(None) => return Ok(bytes.freeze()),
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                return Err(if e.is::<http_body_util::LengthLimitError>() {
+                    too_large()
+                } else {
+                    ApiError::invalid_content(format!("could not read the request body: {e}"))
+                });
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            bytes.extend_from_slice(&data);
         }
-    })
+    }
 }
 
 /// Parses a JSON request body of a control-plane operation.
@@ -424,4 +459,49 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body that sends a little, then nothing more.
+    struct Stalled(bool);
+
+    impl http_body::Body for Stalled {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            if self.0 {
+                std::task::Poll::Pending
+            } else {
+                self.0 = true;
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                    b"half",
+                )))))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_arriving_is_answered_408() {
+        let idle = std::time::Duration::from_millis(100);
+        let e = read_body_within(Body::new(Stalled(false)), 1024, idle, || {
+            ApiError::internal("too large")
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::REQUEST_TIMEOUT);
+        // A whole body within the limit reads; a larger one is too large.
+        let whole = read_body_within(Body::from("whole"), 1024, idle, || ApiError::internal("x"));
+        assert_eq!(whole.await.unwrap(), Bytes::from_static(b"whole"));
+        let big = read_body_within(Body::from("0123456789"), 4, idle, || {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "TooLarge", "big")
+        });
+        assert_eq!(big.await.unwrap_err().status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
 }

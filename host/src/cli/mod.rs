@@ -133,6 +133,9 @@ pub struct LogsArgs {
     /// Only events whose message contains this text.
     #[arg(long)]
     pub filter: Option<String>,
+    /// Only the lines of this invocation (its START to its REPORT).
+    #[arg(long)]
+    pub request_id: Option<String>,
     /// Most events printed at first (the latest ones).
     #[arg(long, default_value_t = 1000)]
     pub limit: usize,
@@ -410,6 +413,15 @@ pub struct ServeArgs {
     /// measuring what they cost.
     #[arg(long, value_parser = ["on", "off"], default_value = "on")]
     pub telemetry: String,
+    /// Most API connections open at once (default: half the open-files
+    /// limit). At the limit, the oldest connection that has not made a
+    /// signed request is closed for a new one.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds a request head may take to arrive, and a kept-alive
+    /// connection may stay idle.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -668,6 +680,9 @@ async fn logs(args: LogsArgs) -> Result<i32> {
         }
         if let Some(f) = &args.filter {
             query.push(format!("filter={}", path_segment(f)));
+        }
+        if let Some(id) = &args.request_id {
+            query.push(format!("requestId={}", path_segment(id)));
         }
         let path = format!(
             "/kiln/functions/{}/logs?{}",
