@@ -19,11 +19,27 @@ pub struct SandboxStatus {
     pub detail: String,
 }
 
+/// What environments may take from the host together, by default (`kiln
+/// serve --memory-budget`, `--max-pids` change it).
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitsReport {
+    /// The default memory budget in MiB (80 % of physical memory).
+    pub memory_budget_mb: u64,
+    /// Physical memory in MiB, if it could be read.
+    pub physical_memory_mb: Option<u64>,
+    /// The default process limit of all jailed environments.
+    pub max_pids: u64,
+    /// The host's `kernel.pid_max`.
+    pub host_pid_max: u64,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct DoctorReport {
     /// In order: wasm, jail, microvm.
     pub sandboxes: Vec<SandboxStatus>,
+    /// What environments may take from the host together.
+    pub limits: LimitsReport,
 }
 
 /// Probes every sandbox, using `data_dir` for scratch space.
@@ -51,12 +67,19 @@ pub async fn examine(data_dir: &Path, guest_kernel: Option<&Path>) -> DoctorRepo
             detail: format!("the Wasm engine cannot start: {e}"),
         },
     };
+    let defaults = crate::host_limits::HostLimits::from_machine();
     DoctorReport {
         sandboxes: vec![
             wasm,
             jail(data_dir).await,
             microvm(data_dir, guest_kernel).await,
         ],
+        limits: LimitsReport {
+            memory_budget_mb: defaults.memory_budget_mb,
+            physical_memory_mb: crate::host_limits::physical_memory_mb(),
+            max_pids: defaults.max_pids,
+            host_pid_max: crate::sandbox::cgroup::host_pid_max(),
+        },
     }
 }
 

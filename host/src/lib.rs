@@ -12,13 +12,15 @@
 //! - [`store`]: the metadata store and the artifact store;
 //! - [`package`]: deployment packages (zips);
 //! - [`server`]: `kiln serve`, wiring the above together;
-//! - [`doctor`]: which sandboxes this machine can run.
+//! - [`doctor`]: which sandboxes this machine can run;
+//! - [`host_limits`]: what environments may take from the host together.
 
 pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod control;
 pub mod doctor;
+pub mod host_limits;
 pub mod invoke;
 pub mod metrics;
 pub mod package;

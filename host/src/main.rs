@@ -27,6 +27,16 @@ fn main() -> ExitCode {
         }
         command => Cli { command },
     };
+    // Before any thread: a mount namespace of the server's own, so that
+    // its mounts cannot outlive it.
+    if let Command::Serve(_) = &cli.command
+        && let Err(e) = kiln::server::private_mount_namespace()
+    {
+        eprintln!(
+            "warning: no private mount namespace ({e}): environments' mounts are made in the \
+             host's and removed by the next start if the server dies"
+        );
+    }
     // Before the runtime: the OTLP exporter's HTTP client runs on threads
     // of its own and must not be made or dropped on the runtime's.
     let telemetry = match &cli.command {
@@ -114,6 +124,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         telemetry: args.telemetry == "on",
         max_connections: args.max_connections,
         header_timeout: std::time::Duration::from_secs(args.header_timeout.max(1)),
+        memory_budget_mb: args.memory_budget,
+        max_pids: args.max_pids,
         ..ServerConfig::new()
     };
     let server = Server::start(config)

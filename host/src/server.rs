@@ -84,6 +84,12 @@ pub struct ServerConfig {
     /// How long a request head may take to arrive (and a kept-alive
     /// connection may idle).
     pub header_timeout: Duration,
+    /// MiB all environments together may reserve; by default 80 % of
+    /// physical memory.
+    pub memory_budget_mb: Option<u64>,
+    /// Processes all jailed environments together may run; by default a
+    /// quarter of the host's `pid_max`.
+    pub max_pids: Option<u64>,
 }
 
 impl ServerConfig {
@@ -110,6 +116,8 @@ impl ServerConfig {
             telemetry: true,
             max_connections: None,
             header_timeout: Duration::from_secs(10),
+            memory_budget_mb: None,
+            max_pids: None,
         }
     }
 }
@@ -213,6 +221,11 @@ impl Server {
             )));
         }
         let mut config = config;
+        let machine = crate::host_limits::HostLimits::from_machine();
+        let limits = crate::host_limits::HostLimits {
+            memory_budget_mb: config.memory_budget_mb.unwrap_or(machine.memory_budget_mb),
+            max_pids: config.max_pids.unwrap_or(machine.max_pids),
+        };
         let open_files = raise_open_files_limit();
         let mut connections = crate::api::connections::ConnectionLimits::for_open_files(open_files);
         connections.header_timeout = config.header_timeout;
@@ -256,14 +269,27 @@ impl Server {
         let mut wasm_config = RuntimeConfig::new(dir.join("compiled"));
         wasm_config.max_environments = config.max_environments;
         let runtime = Arc::new(Runtime::new(wasm_config)?);
-        let envs = EnvironmentsDir::open(dir.join("envs")).map_err(data_dir_error(dir))?;
+        let mut envs = EnvironmentsDir::open(dir.join("envs")).map_err(data_dir_error(dir))?;
+        let scratch = tokio::task::spawn_blocking({
+            let (templates, probe_dir) = (dir.join("runtime").join("scratch"), dir.join("envs"));
+            move || crate::sandbox::scratch::Scratch::probe(templates, &probe_dir)
+        })
+        .await
+        .map_err(|e| StartError::Config(e.to_string()))?;
+        match scratch {
+            Ok(scratch) => envs = envs.with_scratch(scratch),
+            Err(why) => tracing::warn!(
+                reason = %why,
+                "environments' /tmp is a plain directory: EphemeralStorage is not enforced"
+            ),
+        }
 
         let arn = ArnContext {
             region: config.region.clone(),
             account_id: config.account_id.clone(),
         };
         let queue = Arc::new(QueueStore::open(&dir.join("kiln.db"))?);
-        let sandboxes = sandboxes(&config, runtime, addr).await?;
+        let sandboxes = sandboxes(&config, runtime, addr, limits).await?;
         let data = DataPlane::new(
             sandboxes,
             envs,
@@ -276,6 +302,7 @@ impl Server {
                 env_lease: config.env_lease,
                 account_concurrency: config.account_concurrency,
                 telemetry: config.telemetry,
+                memory_budget_mb: limits.memory_budget_mb,
             },
         );
         data.start_reaper();
@@ -403,11 +430,10 @@ async fn sandboxes(
     config: &ServerConfig,
     runtime: Arc<Runtime>,
     api: SocketAddr,
+    limits: crate::host_limits::HostLimits,
 ) -> Result<Sandboxes, StartError> {
     let dir = &config.data_dir;
-    let api_socket = crate::sandbox::relay::start(&dir.join("run"), api).map_err(|e| {
-        StartError::Config(format!("the API relay socket in {}: {e}", dir.display()))
-    })?;
+    let relay = crate::sandbox::relay::Relay::new(api);
     let group = crate::sandbox::cgroup::group_for(dir);
     let removed = tokio::task::spawn_blocking({
         let group = group.clone();
@@ -421,12 +447,40 @@ async fn sandboxes(
             "removed cgroups left by an earlier server"
         );
     }
+    // The parent of every environment's cgroup: its limits bound them all.
+    let server_cgroup = tokio::task::spawn_blocking({
+        let group = group.clone();
+        move || {
+            crate::sandbox::cgroup::ServerCgroup::create(
+                &group,
+                limits.memory_budget_mb.saturating_mul(1 << 20),
+                limits.max_pids,
+            )
+        }
+    })
+    .await
+    .map_err(|e| StartError::Sandbox(e.to_string()))?;
+    let server_cgroup = match server_cgroup {
+        Ok(c) => {
+            tracing::info!(
+                cgroup = c.name(),
+                memory_budget_mb = limits.memory_budget_mb,
+                max_pids = limits.max_pids,
+                "environments share one parent cgroup"
+            );
+            Some(Arc::new(c))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no parent cgroup for environments: jails cannot run");
+            None
+        }
+    };
     let jail: Result<Arc<JailSandbox>, String> = async {
         let agent = install_agent(&dir.join("runtime"))
             .map_err(|e| format!("installing the agent: {e}"))?;
         let jail = JailSandbox::new(agent, runtime.clone(), group.clone())
             .map_err(|e| e.to_string())?
-            .with_api_socket(api_socket);
+            .with_relay(relay);
         let scratch = dir
             .join("envs")
             .join(format!("probe-{}", uuid::Uuid::new_v4().simple()));
@@ -483,6 +537,8 @@ async fn sandboxes(
         wasm,
         native,
         availability,
+        limits,
+        server_cgroup,
     })
 }
 
@@ -506,6 +562,31 @@ async fn microvm_sandbox(
     );
     let sandbox = MicroVmSandbox::new(image, runtime, group).map_err(|e| e.to_string())?;
     Ok(Arc::new(sandbox))
+}
+
+/// Moves this process into a mount namespace of its own, whose mounts
+/// (environments' `/tmp` disks, the code cache) vanish with it however it
+/// ends; mounts made on the host still reach it. Must run before any thread
+/// is started: a mount namespace is per thread until then. Needs root.
+pub fn private_mount_namespace() -> io::Result<()> {
+    // SAFETY: unshare and mount with constant arguments; the process is
+    // single-threaded (the caller's contract).
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Raises the soft limit on open files to the hard limit (a server's

@@ -523,3 +523,193 @@ def test_retention_keeps_a_busy_functions_newest_lines(tmp_path, artifacts):
         assert not log_events(srv, "chatty", "--request-id", ids[0])
     finally:
         srv.stop()
+
+
+# --- 4, 5. host-wide memory and process limits --------------------------------------
+
+
+def server_group(data_dir):
+    """The cgroup group a server of `data_dir` puts its environments under."""
+    import hashlib
+    return "d" + hashlib.sha256(str(pathlib.Path(data_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def concurrently(n, fn):
+    import threading
+    results, errors = [None] * n, [None] * n
+    start = threading.Barrier(n)
+
+    def run(i):
+        start.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            errors[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results, errors
+
+
+def test_environments_reserve_their_memory_from_a_host_budget(tmp_path, artifacts):
+    srv = KilnServer(tmp_path / "data", ["--memory-budget", "1024"]).start()
+    try:
+        lam = srv.client()
+        create(lam, "big-mem", artifacts["misbehave"], MemorySize=512)
+        results, errors = concurrently(3, lambda i: call(lam, "big-mem", {"action": "sleep", "arg": 2000}))
+        assert sum(r is not None for r in results) == 2, (results, errors)
+        refused = [e for e in errors if e is not None]
+        assert len(refused) == 1, errors
+        response = refused[0].response
+        assert response["Error"]["Code"] == "TooManyRequestsException"
+        assert response["ResponseMetadata"]["HTTPStatusCode"] == 429
+        assert response["Reason"] == "ConcurrentInvocationLimitExceeded"
+        assert "memory budget for environments (1024 MiB" in response["Error"]["Message"]
+        # Once they are idle, a new environment takes an idle one's place.
+        create(lam, "other-mem", artifacts["hello"], MemorySize=1024)
+        assert lam.invoke(FunctionName="other-mem")["StatusCode"] == 200
+        import urllib.request
+        metrics = urllib.request.urlopen(srv.endpoint + "/metrics").read().decode()
+        assert 'kiln_environment_limit{resource="memory_bytes"} 1073741824' in metrics, metrics
+        assert 'kiln_environment_use{resource="memory_bytes"} 1073741824' in metrics, metrics
+    finally:
+        srv.stop()
+    out = subprocess.run([kiln_bin(), "doctor", "--output", "json", "--data-dir", str(tmp_path / "doctor")],
+                         capture_output=True, text=True, check=True)
+    limits = json.loads(out.stdout)["limits"]
+    assert 0 < limits["memory_budget_mb"] < limits["physical_memory_mb"]
+    assert limits["max_pids"] >= 1024 and limits["host_pid_max"] >= limits["max_pids"]
+
+
+def test_all_environments_together_have_a_process_limit(tmp_path, artifacts):
+    data = tmp_path / "data"
+    srv = KilnServer(data, ["--max-pids", "1500"]).start()
+    try:
+        lam = srv.client()
+        native(lam, "bombs", artifacts["native-misbehave"], Timeout=60)
+        # Four environments first (once the bombs go off, no new one could
+        # start: that is the point), then four bombs at once in them.
+        warm, errors = concurrently(4, lambda i: call(lam, "bombs", {"action": "sleep", "arg": 500})[1])
+        assert warm == ["slept"] * 4, (warm, errors)
+        results, errors = concurrently(4, lambda i: call(lam, "bombs", {"action": "fork_bomb"})[1])
+        assert not any(errors), errors
+        assert all(r and "forks" in r for r in results), results
+        forks = [r["forks"] for r in results]
+        # Each environment stops at its own 1,024, all four at 1,500 together
+        # (their agents and runtimes included).
+        assert all(f < 1024 for f in forks) and sum(forks) <= 1500, forks
+        group = server_group(data)
+        pids = pathlib.Path("/sys/fs/cgroup/pids/kiln") / group
+        if not pids.exists():
+            pids = pathlib.Path("/sys/fs/cgroup/kiln") / group
+        assert (pids / "pids.max").read_text().strip() == "1500"
+        # The host and the server are fine.
+        assert call(lam, "bombs", {"action": "echo", "arg": 1})[1] == 1
+    finally:
+        srv.stop()
+
+
+# --- 6. frozen between invocations ---------------------------------------------------
+
+
+def test_an_environment_is_frozen_between_invocations(lam, artifacts):
+    import time
+    native(lam, "spinner", artifacts["native-misbehave"])
+    tag = f"kspin{os.getpid() % 10000}"
+    r, body = call(lam, "spinner", {"action": "spin_child", "arg": tag})
+    assert "FunctionError" not in r, body
+    pid = next(p.name for p in pathlib.Path("/proc").iterdir()
+               if p.name.isdigit() and (p / "comm").exists() and (p / "comm").read_text().strip() == tag)
+    lines = pathlib.Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    cpuacct = next((l.split(":", 2)[2] for l in lines if ":cpuacct:" in l or ":cpu,cpuacct:" in l), None)
+    if cpuacct is not None:
+        base = next(b for b in ("/sys/fs/cgroup/cpuacct", "/sys/fs/cgroup/cpu,cpuacct") if pathlib.Path(b).exists())
+        usage = lambda: int(pathlib.Path(base + cpuacct, "cpuacct.usage").read_text())  # noqa: E731
+    else:
+        path = "/sys/fs/cgroup" + next(l.split(":", 2)[2] for l in lines if l.startswith("0::"))
+        usage = lambda: 1000 * int(next(  # noqa: E731
+            l.split()[1] for l in pathlib.Path(path, "cpu.stat").read_text().splitlines() if l.startswith("usage_usec")))
+    before = usage()
+    time.sleep(1)
+    after = usage()
+    assert after - before < 5_000_000, (before, after)  # under 5 ms of CPU in a second: frozen
+    # The next invocation thaws it (the child runs while it does).
+    call(lam, "spinner", {"action": "sleep", "arg": 300})
+    assert usage() - after > 50_000_000
+    lam.delete_function(FunctionName="spinner")
+
+
+# --- 7. one environment cannot starve another's calls to kiln ---------------------------
+
+
+def test_an_environment_holding_relay_connections_starves_no_other(server, lam, artifacts, tmp_path):
+    role = kiln(server, "roles", "create", "relay-caller", "--policy", policy_file(tmp_path, "relay", [
+        {"Effect": "Allow", "Action": "lambda:InvokeFunction", "Resource": "*"}]))["Role"]
+    native(lam, "hog", artifacts["native-misbehave"], Timeout=30)
+    native(lam, "polite", artifacts["native-misbehave"], Role=role["Arn"])
+    create(lam, "relay-target", artifacts["hello"])
+    call(lam, "polite", {"action": "echo", "arg": 0})  # warm
+    import threading
+    import time
+    hogs = threading.Thread(target=lambda: concurrently(
+        5, lambda i: call(lam, "hog", {"action": "hold_relay", "arg": {"n": 64, "ms": 6000}})))
+    hogs.start()
+    # Wait until the hogs hold their connections (they hold them for 6 s):
+    # the API's established connections, as the kernel lists them.
+    port = int(server.endpoint.rsplit(":", 1)[1])
+
+    def established():
+        lines = pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]
+        return sum(1 for l in lines if l.split()[1].endswith(f":{port:04X}") and l.split()[3] == "01")
+    deadline = time.monotonic() + 20
+    while established() < 150:
+        assert time.monotonic() < deadline, established()
+        time.sleep(0.05)
+    started = time.monotonic()
+    _, answer = call(lam, "polite", {"action": "invoke", "arg": {"function": "relay-target", "payload": {"name": "x"}}})
+    took = time.monotonic() - started
+    hogs.join(60)
+    assert answer["status"] == 200, answer
+    assert took < 2, took
+
+
+# --- 8. /tmp is storage ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_tmp_is_storage_not_memory(lam, artifacts, runtime):
+    name = f"tmp-{runtime}"
+    if runtime == "wasm":
+        create(lam, name, artifacts["misbehave"], MemorySize=128, Timeout=60)
+    else:
+        native(lam, name, artifacts["native-misbehave"], MemorySize=128, Timeout=60)
+    # 200 MB at MemorySize 128 (the default EphemeralStorage is 512 MB).
+    r, body = call(lam, name, {"action": "fill_tmp", "arg": 200})
+    assert "FunctionError" not in r and body == {"mib": 200}, body
+    # Past EphemeralStorage: the disk is full, and the environment lives.
+    r, body = call(lam, name, {"action": "fill_tmp", "arg": 600})
+    assert "FunctionError" not in r, body
+    assert 400 < body["mib"] < 512, body
+    if runtime == "native":
+        assert body["error"] == "StorageFull" and "No space left on device" in body["message"], body
+    else:
+        # wasmtime reports a failed write on a stream without its cause:
+        # the guest sees an I/O error where a native program sees ENOSPC.
+        assert body["message"], body
+    assert call(lam, name, {"action": "echo", "arg": "alive"})[1] == "alive"
+    lam.update_function_configuration(FunctionName=name, EphemeralStorage={"Size": 1024})
+    lam.get_waiter("function_updated_v2").wait(FunctionName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 5})
+    _, body = call(lam, name, {"action": "fill_tmp", "arg": 800})
+    assert body == {"mib": 800}, body
+
+
+def test_a_function_out_of_memory_is_killed_not_its_agent(lam, artifacts):
+    native(lam, "oom-native", artifacts["native-misbehave"], MemorySize=128)
+    r = lam.invoke(FunctionName="oom-native", Payload=b'{"action": "grow"}', LogType="Tail")
+    body = json.loads(r["Payload"].read())
+    assert body["errorType"] == "Runtime.OutOfMemory", body
+    assert body["errorMessage"].endswith("Error: Runtime exited with error: signal: killed")
+    assert "Runtime exited with error: signal: killed (Runtime.OutOfMemory)" in base64.b64decode(r["LogResult"]).decode()
+    assert call(lam, "oom-native", {"action": "echo", "arg": 1})[1] == 1

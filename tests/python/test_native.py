@@ -107,8 +107,8 @@ def test_out_of_memory_is_reported_with_the_signal(lam, artifacts):
     native(lam, "lambda-rt-oom", artifacts["lambda-rt"], MemorySize=128)
     r, body = call(lam, "lambda-rt-oom", {"action": "grow"})
     assert r["FunctionError"] == "Unhandled"
-    assert body["errorType"] == "Runtime.ExitError"
-    assert "signal: killed" in body["errorMessage"]
+    assert body["errorType"] == "Runtime.OutOfMemory"
+    assert body["errorMessage"].endswith("Error: Runtime exited with error: signal: killed")
     r, body = call(lam, "lambda-rt-oom", {"action": "echo", "arg": 1})
     assert "FunctionError" not in r and body == {"echo": 1}
 

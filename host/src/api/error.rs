@@ -106,6 +106,12 @@ impl From<InvokeError> for ApiError {
                 message: e.to_string(),
                 reason: Some(reason),
             },
+            InvokeError::MemoryBudget { .. } => Self {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                error_type: "TooManyRequestsException",
+                message: e.to_string(),
+                reason: Some("ConcurrentInvocationLimitExceeded"),
+            },
             InvokeError::InvalidCode(_) => Self::new(
                 StatusCode::BAD_GATEWAY,
                 "InvalidRuntimeException",

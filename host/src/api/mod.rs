@@ -447,6 +447,31 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
             ])
             .set(1);
     }
+    // What the environments may take from the host, and what they hold.
+    let (budget_mb, reserved_mb) = state.data.memory_budget();
+    let host = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    registry.register(
+        "environment_limit",
+        "What all execution environments together may take from the host (memory in bytes, processes)",
+        host.clone(),
+    );
+    let used = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    registry.register(
+        "environment_use",
+        "What the execution environments hold of their limit now",
+        used.clone(),
+    );
+    let mib = |m: u64| i64::try_from(m.saturating_mul(1 << 20)).unwrap_or(i64::MAX);
+    host.get_or_create(&vec![("resource", "memory_bytes")])
+        .set(mib(budget_mb));
+    used.get_or_create(&vec![("resource", "memory_bytes")])
+        .set(mib(reserved_mb));
+    host.get_or_create(&vec![("resource", "processes")])
+        .set(i64::try_from(sandboxes.limits.max_pids).unwrap_or(i64::MAX));
+    if let Some(cgroup) = &sandboxes.server_cgroup {
+        used.get_or_create(&vec![("resource", "processes")])
+            .set(i64::try_from(cgroup.process_count()).unwrap_or(i64::MAX));
+    }
     let Ok(body) = state.data.metrics().encode(&registry) else {
         return Response::builder()
             .status(StatusCode::INTERNAL_SERVER_ERROR)

@@ -422,6 +422,15 @@ pub struct ServeArgs {
     /// connection may stay idle.
     #[arg(long, default_value_t = 10)]
     pub header_timeout: u64,
+    /// MiB of memory all execution environments together may reserve (each
+    /// its MemorySize); past it, invocations that need a new environment
+    /// get 429. Default: 80 % of physical memory.
+    #[arg(long)]
+    pub memory_budget: Option<u64>,
+    /// Processes all jailed environments together may run. Default: a
+    /// quarter of the host's kernel.pid_max.
+    #[arg(long)]
+    pub max_pids: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -1248,6 +1257,19 @@ async fn doctor(
                     s.detail
                 );
             }
+            let l = &report.limits;
+            println!(
+                "memory budget of all environments: {} MiB ({}; kiln serve --memory-budget)",
+                l.memory_budget_mb,
+                l.physical_memory_mb.map_or_else(
+                    || "physical memory unknown".to_owned(),
+                    |p| format!("80 % of {p} MiB")
+                )
+            );
+            println!(
+                "processes of all jailed environments: {} (a quarter of pid_max {}; kiln serve --max-pids)",
+                l.max_pids, l.host_pid_max
+            );
         }
     }
     Ok(0)

@@ -14,44 +14,98 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::Notify;
 
 use crate::sandbox::{ExecutionEnvironment, InvocationReport, InvocationRequest};
 
-/// Where environments keep their scratch space: `<root>/<env-id>/tmp`.
+/// Where environments keep their scratch space: `<root>/<env-id>/tmp`, a
+/// disk of its own where the host can mount one (see `sandbox::scratch`).
 #[derive(Debug, Clone)]
 pub struct EnvironmentsDir {
     root: PathBuf,
+    scratch: Option<crate::sandbox::scratch::Scratch>,
 }
 
 impl EnvironmentsDir {
     /// Opens `root`, removing what environments of an earlier process left
-    /// behind (a killed server never ran their teardown).
+    /// behind (a killed server never ran their teardown), their mounts
+    /// first.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root)?;
+        let root = root.canonicalize()?;
+        unmount_under(&root);
         for entry in fs::read_dir(&root)? {
             let path = entry?.path();
             tracing::info!(path = %path.display(), "removing a leftover environment directory");
             crate::store::artifacts::remove_tree(&path)?;
         }
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            scratch: None,
+        })
     }
 
-    /// Creates the directory of a new environment.
-    pub fn create(&self) -> io::Result<EnvironmentDir> {
+    /// Gives every new environment a `/tmp` disk of its EphemeralStorage.
+    pub fn with_scratch(mut self, scratch: crate::sandbox::scratch::Scratch) -> Self {
+        self.scratch = Some(scratch);
+        self
+    }
+
+    /// Whether environments get a `/tmp` disk of their own (else a plain
+    /// directory, without a size limit).
+    pub fn has_scratch_disks(&self) -> bool {
+        self.scratch.is_some()
+    }
+
+    /// Creates the directory of a new environment, with a `/tmp` of
+    /// `tmp_mb` MiB.
+    pub fn create(&self, tmp_mb: u32) -> io::Result<EnvironmentDir> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let path = self.root.join(&id);
         fs::create_dir_all(path.join("tmp"))?;
-        Ok(EnvironmentDir { id, path })
+        let mut dir = EnvironmentDir {
+            id,
+            path,
+            disk: None,
+        };
+        if let Some(scratch) = &self.scratch {
+            dir.disk = Some(scratch.mount(&dir.path, tmp_mb)?);
+        }
+        Ok(dir)
     }
 }
 
-/// One environment's directory, removed when dropped.
+/// Unmounts whatever is mounted under `root` (left by a server of this
+/// data dir that died in the host's mount namespace).
+fn unmount_under(root: &std::path::Path) {
+    let Ok(table) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = format!("{}/", root.display());
+    // Deepest first.
+    let mut points: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        if let Ok(c) = std::ffi::CString::new(point) {
+            tracing::info!(mount = point, "unmounting a leftover environment mount");
+            // SAFETY: a NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// One environment's directory, removed when dropped (its disk unmounted
+/// first).
 #[derive(Debug)]
 pub struct EnvironmentDir {
     id: String,
     path: PathBuf,
+    disk: Option<crate::sandbox::scratch::ScratchDisk>,
 }
 
 impl EnvironmentDir {
@@ -74,7 +128,9 @@ impl EnvironmentDir {
 impl Drop for EnvironmentDir {
     fn drop(&mut self) {
         let path = std::mem::take(&mut self.path);
+        let disk = self.disk.take();
         let remove = move || {
+            drop(disk);
             if let Err(e) = crate::store::artifacts::remove_tree(&path) {
                 tracing::warn!(path = %path.display(), error = %e, "removing an environment directory");
             }
@@ -128,7 +184,7 @@ pub struct Environment {
     // maintainer that replaces it finds the capacity free).
     env: Box<dyn ExecutionEnvironment>,
     _dir: EnvironmentDir,
-    _permit: OwnedSemaphorePermit,
+    _reservation: super::Reservation,
     lease: Option<ProvisionedLease>,
     created: Instant,
     /// Its log stream's name.
@@ -139,14 +195,14 @@ impl Environment {
     pub(super) fn new(
         env: Box<dyn ExecutionEnvironment>,
         dir: EnvironmentDir,
-        permit: OwnedSemaphorePermit,
+        reservation: super::Reservation,
         lease: Option<ProvisionedLease>,
         stream: String,
     ) -> Self {
         Self {
             env,
             _dir: dir,
-            _permit: permit,
+            _reservation: reservation,
             lease,
             created: Instant::now(),
             stream,
@@ -247,7 +303,7 @@ mod tests {
         fs::write(root.join("stale/tmp/file"), b"x").unwrap();
         let envs = EnvironmentsDir::open(&root).unwrap();
         assert!(!root.join("stale").exists());
-        let d = envs.create().unwrap();
+        let d = envs.create(512).unwrap();
         let tmp = d.tmp();
         assert!(tmp.is_dir());
         assert_eq!(d.id().len(), 32);

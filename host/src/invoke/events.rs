@@ -212,7 +212,7 @@ async fn process(plane: &DataPlane, config: &AsyncConfig, event: Event) -> Compl
             version: out.executed_version,
             payload: out.payload,
         },
-        Err(InvokeError::Throttled { .. }) => Attempt::Throttled,
+        Err(InvokeError::Throttled { .. } | InvokeError::MemoryBudget { .. }) => Attempt::Throttled,
         Err(e @ (InvokeError::NotFound(_) | InvokeError::InvalidCode(_))) => {
             Attempt::Gone(e.to_string())
         }

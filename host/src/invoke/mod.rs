@@ -73,6 +73,8 @@ pub struct DataPlaneConfig {
     /// Whether invocations are counted in metrics and console activity
     /// (off only to measure what that costs).
     pub telemetry: bool,
+    /// MiB all environments together may reserve (each its MemorySize).
+    pub memory_budget_mb: u64,
 }
 
 /// Why an invocation could not run.
@@ -86,6 +88,18 @@ pub enum InvokeError {
     Throttled {
         /// Lambda's `Reason`.
         reason: &'static str,
+    },
+    /// The host's memory budget is reserved by running environments.
+    #[error(
+        "Rate Exceeded: the function needs {needed_mb} MiB for a new execution environment and \
+         this host's memory budget for environments ({budget_mb} MiB, `kiln serve \
+         --memory-budget`) is reserved by running ones; retry, or lower MemorySize"
+    )]
+    MemoryBudget {
+        /// MemorySize (and the sandbox's overhead) of the environment asked for.
+        needed_mb: u32,
+        /// The budget.
+        budget_mb: u64,
     },
     /// The code is not runnable (an earlier deploy went wrong).
     #[error("The function's code could not be prepared: {0}")]
@@ -150,6 +164,8 @@ pub struct DataPlane {
     sandboxes: Sandboxes,
     functions: RwLock<HashMap<String, FunctionEntry>>,
     capacity: Arc<Semaphore>,
+    /// The memory budget, one permit per MiB.
+    memory: Arc<Semaphore>,
     envs: EnvironmentsDir,
     arn: ArnContext,
     config: DataPlaneConfig,
@@ -188,6 +204,11 @@ impl DataPlane {
             sandboxes,
             functions: RwLock::new(HashMap::new()),
             capacity: Arc::new(Semaphore::new(config.max_environments)),
+            memory: Arc::new(Semaphore::new(
+                usize::try_from(config.memory_budget_mb)
+                    .unwrap_or(usize::MAX)
+                    .min(Semaphore::MAX_PERMITS),
+            )),
             envs,
             arn,
             governor: Governor::new(config.account_concurrency),
@@ -561,7 +582,7 @@ impl DataPlane {
     pub async fn invoke(&self, input: InvokeInput) -> Result<InvokeOutput, InvokeError> {
         let function = input.name.clone();
         let result = self.run_invocation(input).await;
-        if let Err(InvokeError::Throttled { .. }) = &result
+        if let Err(InvokeError::Throttled { .. } | InvokeError::MemoryBudget { .. }) = &result
             && self.config.telemetry
         {
             self.metrics.throttle(&function);
@@ -760,10 +781,15 @@ impl DataPlane {
                 other => InvokeError::Internal(other.to_string()),
             })?
             .clone();
-        let permit = self.acquire_capacity()?;
-        let dir = self.envs.create().map_err(|e| {
-            InvokeError::Internal(format!("creating the environment's directory: {e}"))
-        })?;
+        let permit = self.acquire_capacity(
+            record_memory(&slot.record).saturating_add(sandbox.memory_overhead_mb(&code)),
+        )?;
+        let dir = self
+            .envs
+            .create(slot.record.ephemeral_storage)
+            .map_err(|e| {
+                InvokeError::Internal(format!("creating the environment's directory: {e}"))
+            })?;
         let record = &slot.record;
         let stream = log_stream_name(record, dir.id());
         let mut variables = lambda_environment(record, &self.arn, &stream, init_type);
@@ -781,6 +807,7 @@ impl DataPlane {
             task_dir: slot.task_dir.clone(),
             opt_dir: slot.opt_dir.clone(),
             tmp_dir: dir.tmp(),
+            tmp_is_disk: self.envs.has_scratch_disks(),
             env_dir: dir.path().to_path_buf(),
             ephemeral_mb: record.ephemeral_storage,
             log_capacity: self.config.log_capacity,
@@ -813,13 +840,22 @@ impl DataPlane {
         ))
     }
 
-    /// A slot for one more environment: free capacity, else the capacity of
-    /// the longest-idle on-demand environment of any function, else
+    /// A slot for one more environment and `memory_mb` of the host's memory
+    /// budget: free ones, else those of the longest-idle on-demand
+    /// environments of any function (dropped to make room), else
     /// throttled.
-    fn acquire_capacity(&self) -> Result<tokio::sync::OwnedSemaphorePermit, InvokeError> {
+    fn acquire_capacity(&self, memory_mb: u32) -> Result<Reservation, InvokeError> {
+        let mut slot = None;
         loop {
-            if let Ok(permit) = self.capacity.clone().try_acquire_owned() {
-                return Ok(permit);
+            if slot.is_none() {
+                slot = self.capacity.clone().try_acquire_owned().ok();
+            }
+            let memory = self.memory.clone().try_acquire_many_owned(memory_mb).ok();
+            if let (Some(_), Some(memory)) = (&slot, memory) {
+                return Ok(Reservation {
+                    _slot: slot.take().expect("checked above"),
+                    _memory: memory,
+                });
             }
             let oldest = self
                 .slots()
@@ -827,17 +863,33 @@ impl DataPlane {
                 .filter_map(|s| s.idle.oldest_idle_since().map(|t| (t, s)))
                 .min_by_key(|(t, _)| *t);
             match oldest {
-                Some((_, slot)) => {
-                    // Dropping the environment returns its permit.
-                    drop(slot.idle.pop_oldest());
+                Some((_, idle)) => {
+                    // Dropping the environment returns its slot and memory.
+                    drop(idle.idle.pop_oldest());
                 }
-                None => {
+                None if slot.is_none() => {
                     return Err(InvokeError::Throttled {
                         reason: "ConcurrentInvocationLimitExceeded",
                     });
                 }
+                None => {
+                    return Err(InvokeError::MemoryBudget {
+                        needed_mb: memory_mb,
+                        budget_mb: self.config.memory_budget_mb,
+                    });
+                }
             }
         }
+    }
+
+    /// The host's memory budget for environments and how much of it they
+    /// hold now, in MiB.
+    pub fn memory_budget(&self) -> (u64, u64) {
+        let budget = self.config.memory_budget_mb;
+        (
+            budget,
+            budget.saturating_sub(self.memory.available_permits() as u64),
+        )
     }
 
     /// Environments currently idle, over all functions.
@@ -847,6 +899,20 @@ impl DataPlane {
             .map(|s| s.idle.len() + s.provisioned.len())
             .sum()
     }
+}
+
+/// What an environment of `record` reserves of the memory budget: its
+/// MemorySize.
+fn record_memory(record: &FunctionRecord) -> u32 {
+    record.memory_size
+}
+
+/// An environment's share of the host: a slot of `max_environments` and
+/// its memory; both return when it is dropped.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _memory: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The error type of a failed outcome, as the console lists it.

@@ -1,15 +1,20 @@
 //! One cgroup per jailed environment, through cgroups-rs, on cgroup v1 (as
 //! on this team's machines) or v2: memory limited to the function's
 //! MemorySize, a CPU share proportional to memory as Lambda allots CPU
-//! (1,769 MB = one vCPU), and at most 1,024 processes.
+//! (1,769 MB = one vCPU), at most 1,024 processes, CPU time accounted, and
+//! a freezer that stops every process of the environment between
+//! invocations, as Lambda freezes an environment once it has answered.
 //!
-//! All of kiln's cgroups live under `kiln/` in each hierarchy, so that a
-//! server that died can find and remove what it left.
+//! All of a server's environment cgroups live under one parent,
+//! `kiln/<group>/` in each hierarchy ([`ServerCgroup`]), whose memory and
+//! process limits bound the server's environments as a whole; a server
+//! that died finds and removes what it left there.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use cgroups_rs::cpu::CpuController;
+use cgroups_rs::freezer::FreezerController;
 use cgroups_rs::memory::MemController;
 use cgroups_rs::pid::PidController;
 use cgroups_rs::{Cgroup, Controller, MaxValue, hierarchies};
@@ -29,6 +34,83 @@ pub struct CgroupError {
     pub path: String,
     /// What failed.
     pub message: String,
+}
+
+/// The controllers of an environment's cgroup: CPU time is accounted by
+/// `cpuacct` on v1 (`cpu.stat` on v2), and the freezer is built into v2.
+fn controllers(v2: bool) -> Vec<String> {
+    let mut list = vec!["memory", "cpu", "pids", "freezer"];
+    if !v2 {
+        list.push("cpuacct");
+    }
+    list.into_iter().map(str::to_owned).collect()
+}
+
+/// The parent of all of one server's environments: `kiln/<group>/`, its
+/// memory and process counts bounding them together, so that no number of
+/// functions can take the host's memory or process table.
+pub struct ServerCgroup {
+    cgroup: Cgroup,
+    name: String,
+}
+
+impl std::fmt::Debug for ServerCgroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCgroup")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCgroup {
+    /// Creates (or takes over) `kiln/<group>` with at most `memory_bytes`
+    /// of memory and `max_pids` processes for all its environments.
+    pub fn create(group: &str, memory_bytes: u64, max_pids: u64) -> Result<Self, CgroupError> {
+        let name = format!("{PARENT}/{group}");
+        let err = |message: String| CgroupError {
+            path: name.clone(),
+            message,
+        };
+        let cgroup = Cgroup::new_with_specified_controllers(
+            hierarchies::auto(),
+            &name,
+            Some(vec!["memory".into(), "pids".into()]),
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let memory_bytes = i64::try_from(memory_bytes).unwrap_or(i64::MAX);
+        cgroup
+            .controller_of::<MemController>()
+            .ok_or_else(|| err("no memory controller".into()))?
+            .set_limit(memory_bytes)
+            .map_err(|e| err(format!("memory limit: {e}")))?;
+        cgroup
+            .controller_of::<PidController>()
+            .ok_or_else(|| err("no pids controller".into()))?
+            .set_pid_max(MaxValue::Value(i64::try_from(max_pids).unwrap_or(i64::MAX)))
+            .map_err(|e| err(format!("pids limit: {e}")))?;
+        Ok(Self { cgroup, name })
+    }
+
+    /// Processes in all the server's environments now.
+    pub fn process_count(&self) -> u64 {
+        self.cgroup
+            .controller_of::<PidController>()
+            .and_then(|p| p.get_pid_current().ok())
+            .unwrap_or(0)
+    }
+
+    /// The cgroup's path in the pids hierarchy, for tests and `kiln doctor`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The host's `kernel.pid_max`: how many processes the whole host may have.
+pub fn host_pid_max() -> u64 {
+    fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// An environment's cgroup; removed when dropped.
@@ -63,12 +145,8 @@ impl EnvCgroup {
         };
         let hier = hierarchies::auto();
         let v2 = hier.v2();
-        let cgroup = Cgroup::new_with_specified_controllers(
-            hier,
-            &name,
-            Some(vec!["memory".into(), "cpu".into(), "pids".into()]),
-        )
-        .map_err(|e| err(e.to_string()))?;
+        let cgroup = Cgroup::new_with_specified_controllers(hier, &name, Some(controllers(v2)))
+            .map_err(|e| err(e.to_string()))?;
         let this = Self {
             memory_dir: cgroup
                 .controller_of::<MemController>()
@@ -156,6 +234,45 @@ impl EnvCgroup {
     pub fn kill_all(&self) {
         kill_procs(&self.cgroup);
     }
+
+    /// Stops every process of the environment where it is (between
+    /// invocations: nothing of a function runs while it has no
+    /// invocation). Returns whether the freezer took the request.
+    pub fn freeze(&self) -> bool {
+        self.cgroup
+            .controller_of::<FreezerController>()
+            .is_some_and(|f| f.freeze().is_ok())
+    }
+
+    /// Lets the environment's processes run again.
+    pub fn thaw(&self) -> bool {
+        self.cgroup
+            .controller_of::<FreezerController>()
+            .is_some_and(|f| f.thaw().is_ok())
+    }
+
+    /// CPU time used by the environment's processes so far, in nanoseconds.
+    pub fn cpu_time_ns(&self) -> Option<u64> {
+        cpu_time_ns(&self.cgroup, self.v2)
+    }
+}
+
+fn cpu_time_ns(cgroup: &Cgroup, v2: bool) -> Option<u64> {
+    for subsystem in cgroup.subsystems() {
+        let dir = subsystem.to_controller().path().to_path_buf();
+        if v2 {
+            let stat = fs::read_to_string(dir.join("cpu.stat")).ok()?;
+            return stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .map(|us| us * 1000);
+        }
+        if let Ok(text) = fs::read_to_string(dir.join("cpuacct.usage")) {
+            return text.trim().parse().ok();
+        }
+    }
+    None
 }
 
 fn kill_procs(cgroup: &Cgroup) {
@@ -166,6 +283,10 @@ fn kill_procs(cgroup: &Cgroup) {
             // SAFETY: sending a signal to a pid; no memory is involved.
             unsafe { libc::kill(pid.pid as libc::pid_t, libc::SIGKILL) };
         }
+    }
+    // A frozen process dies only once thawed (cgroup v1).
+    if let Some(freezer) = cgroup.controller_of::<FreezerController>() {
+        let _ = freezer.thaw();
     }
 }
 

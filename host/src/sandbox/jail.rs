@@ -209,8 +209,9 @@ pub struct JailSandbox {
     spawner: Spawner,
     next_uid: AtomicU32,
     cgroup_group: String,
-    /// kiln's API socket, mounted into each jail (see `sandbox::relay`).
-    api_socket: Option<PathBuf>,
+    /// The way back to kiln's API: a socket per environment, mounted into
+    /// its jail (see `sandbox::relay`).
+    relay: Option<super::relay::Relay>,
 }
 
 impl std::fmt::Debug for JailSandbox {
@@ -246,13 +247,13 @@ impl JailSandbox {
             wasm,
             spawner: Spawner::start()?,
             next_uid: AtomicU32::new(0),
-            api_socket: None,
+            relay: None,
         })
     }
 
-    /// Lets functions in jails reach kiln's API through `socket`.
-    pub fn with_api_socket(mut self, socket: PathBuf) -> Self {
-        self.api_socket = Some(socket);
+    /// Lets functions in jails reach kiln's API through `relay`.
+    pub fn with_relay(mut self, relay: super::relay::Relay) -> Self {
+        self.relay = Some(relay);
         self
     }
 
@@ -267,6 +268,7 @@ impl JailSandbox {
             task_dir: task,
             opt_dir: None,
             tmp_dir: scratch.join("probe-tmp"),
+            tmp_is_disk: false,
             env_dir: scratch.to_path_buf(),
             ephemeral_mb: 16,
             log_capacity: 4096,
@@ -293,7 +295,7 @@ impl Sandbox for JailSandbox {
     }
 
     fn kiln_endpoint(&self) -> Option<String> {
-        self.api_socket
+        self.relay
             .as_ref()
             .map(|_| format!("http://{}", kiln_proto::API_RELAY))
     }
@@ -317,6 +319,13 @@ impl Sandbox for JailSandbox {
                 "unknown runtime {}",
                 code.runtime
             ))),
+        }
+    }
+
+    fn memory_overhead_mb(&self, code: &PreparedCode) -> u32 {
+        match code.downcast::<JailCode>(SandboxKind::Jail) {
+            Some(JailCode::Wasm { .. }) => (WASM_ENGINE_OVERHEAD >> 20) as u32,
+            _ => 0,
         }
     }
 
@@ -359,6 +368,12 @@ impl Sandbox for JailSandbox {
         .map_err(|e| internal("cgroup", &e))?;
         let root = spec.env_dir.join("root");
         std::fs::create_dir_all(&root).map_err(|e| internal("jail root", &e))?;
+        let relay = self
+            .relay
+            .as_ref()
+            .map(|r| r.open(&spec.env_dir))
+            .transpose()
+            .map_err(|e| internal("the environment's API socket", &e))?;
         let config = Config {
             function_name: var(&spec.env, "AWS_LAMBDA_FUNCTION_NAME"),
             function_version: var(&spec.env, "AWS_LAMBDA_FUNCTION_VERSION"),
@@ -371,11 +386,12 @@ impl Sandbox for JailSandbox {
                 opt_dir: spec.opt_dir.as_ref().map(|p| p.display().to_string()),
                 precompiled: precompiled.map(|p| p.display().to_string()),
                 tmp_mb: spec.ephemeral_mb,
+                tmp_dir: spec.tmp_is_disk.then(|| spec.tmp_dir.display().to_string()),
                 uid,
                 gid: uid,
                 cgroup_procs: cgroup.procs_files(),
                 nofile: 1024,
-                api_socket: self.api_socket.as_ref().map(|p| p.display().to_string()),
+                api_socket: relay.as_ref().map(|r| r.path().display().to_string()),
             }),
             log_capacity: spec.log_capacity.min(kiln_proto::MAX_LOG - 4096) as u32,
             tmp_mb: spec.ephemeral_mb,
@@ -393,6 +409,7 @@ impl Sandbox for JailSandbox {
                 log_capacity: spec.log_capacity,
                 greeting_timeout: Duration::from_secs(10),
                 console: None,
+                relay,
             },
         )
         .await
@@ -413,6 +430,8 @@ pub(crate) struct Launch {
     /// The environment's id, when the process's stdout is a guest console
     /// to forward into the server's log.
     pub console: Option<String>,
+    /// Its socket back to kiln's API, kept while it lives.
+    pub relay: Option<super::relay::EnvironmentRelay>,
 }
 
 /// Starts `command` (an agent, or a VMM whose guest runs one) with the
@@ -431,6 +450,7 @@ pub(crate) async fn start_environment(
         log_capacity,
         greeting_timeout,
         console,
+        relay,
     } = launch;
     let internal =
         |what: &str, e: &dyn std::fmt::Display| SandboxError::Internal(format!("{what}: {e}"));
@@ -468,6 +488,7 @@ pub(crate) async fn start_environment(
         cgroup: Some(cgroup),
         failed: false,
         log_capacity,
+        _relay: relay,
     };
     let greeted = async {
         write_message(
@@ -549,6 +570,7 @@ struct JailEnvironment {
     cgroup: Option<EnvCgroup>,
     failed: bool,
     log_capacity: usize,
+    _relay: Option<super::relay::EnvironmentRelay>,
 }
 
 impl JailEnvironment {
@@ -567,6 +589,20 @@ impl JailEnvironment {
         }
         if let Some(child) = &mut self.child {
             let _ = child.kill();
+        }
+    }
+
+    fn freeze(&self) {
+        if let Some(cgroup) = &self.cgroup
+            && !cgroup.freeze()
+        {
+            tracing::warn!("an environment's cgroup could not be frozen");
+        }
+    }
+
+    fn thaw(&self) {
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.thaw();
         }
     }
 
@@ -619,6 +655,9 @@ impl ExecutionEnvironment for JailEnvironment {
         };
         if error.is_some() {
             self.kill();
+        } else {
+            // Ready and idle: nothing of it runs until its first invocation.
+            self.freeze();
         }
         InitReport {
             error,
@@ -647,6 +686,8 @@ impl ExecutionEnvironment for JailEnvironment {
                 max_memory_bytes: 0,
             };
         }
+        self.thaw();
+        let oom_kills = self.cgroup.as_ref().map_or(0, EnvCgroup::oom_kills);
         let deadline_ms = SystemTime::now()
             .checked_add(request.timeout)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -710,8 +751,25 @@ impl ExecutionEnvironment for JailEnvironment {
             Err(_) => (timed_out(request), Vec::new()),
         };
         let max_memory_bytes = self.peak_memory();
+        let oom = self
+            .cgroup
+            .as_ref()
+            .is_some_and(|c| c.oom_kills() > oom_kills);
+        let outcome = match outcome {
+            // The kernel killed the function for its memory: Lambda's type,
+            // with the runtime's own message.
+            Outcome::Failed { message, .. } if oom => Outcome::Failed {
+                error_type: "Runtime.OutOfMemory".to_owned(),
+                message,
+            },
+            other => other,
+        };
         if matches!(outcome, Outcome::Failed { .. }) {
             self.kill();
+        } else {
+            // Answered: the environment stops until its next invocation,
+            // whatever the function left running.
+            self.freeze();
         }
         InvocationReport {
             outcome,

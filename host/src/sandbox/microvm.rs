@@ -280,6 +280,10 @@ impl Sandbox for MicroVmSandbox {
         }
     }
 
+    fn memory_overhead_mb(&self, _code: &PreparedCode) -> u32 {
+        GUEST_OVERHEAD_MB + (VMM_OVERHEAD >> 20) as u32
+    }
+
     async fn create(
         &self,
         code: &PreparedCode,
@@ -353,6 +357,7 @@ impl Sandbox for MicroVmSandbox {
                 log_capacity: spec.log_capacity,
                 greeting_timeout: Duration::from_secs(10),
                 console: Some(id),
+                relay: None,
             },
         )
         .await

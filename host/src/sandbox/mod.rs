@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod jail;
 pub mod microvm;
 pub mod relay;
+pub mod scratch;
 pub mod wasm;
 
 use std::any::Any;
@@ -102,9 +103,13 @@ pub struct EnvironmentSpec {
     pub task_dir: PathBuf,
     /// Merged layers, shown read-only at `/opt`.
     pub opt_dir: Option<PathBuf>,
-    /// This environment's own `/tmp` (used as is by the in-process
-    /// sandbox; jails mount a tmpfs of `ephemeral_mb` instead).
+    /// This environment's own `/tmp`: a disk of `ephemeral_mb` where the
+    /// host can mount one (see `scratch`), used as is by the in-process
+    /// sandbox and bound by jails.
     pub tmp_dir: PathBuf,
+    /// Whether `tmp_dir` is such a disk (else a plain directory, and jails
+    /// mount a tmpfs of `ephemeral_mb` instead).
+    pub tmp_is_disk: bool,
     /// The environment's own directory, removed when it ends.
     pub env_dir: PathBuf,
     /// EphemeralStorage in MiB: the size of `/tmp`.
@@ -202,6 +207,13 @@ pub trait Sandbox: Send + Sync + 'static {
         None
     }
 
+    /// Memory an environment of `code` takes beyond the function's
+    /// MemorySize (an engine or a guest kernel around it), in MiB: what the
+    /// memory budget reserves on top.
+    fn memory_overhead_mb(&self, _code: &PreparedCode) -> u32 {
+        0
+    }
+
     /// Creates a fresh environment for prepared code.
     async fn create(
         &self,
@@ -241,6 +253,10 @@ pub struct Sandboxes {
     pub native: Result<Arc<dyn Sandbox>, String>,
     /// Every sandbox's verdict at start: available, or why not.
     pub availability: Vec<(SandboxKind, Result<(), String>)>,
+    /// What the environments may take from the host together.
+    pub limits: crate::host_limits::HostLimits,
+    /// The parent cgroup of the jails, when there is one.
+    pub server_cgroup: Option<Arc<cgroup::ServerCgroup>>,
 }
 
 impl std::fmt::Debug for Sandboxes {

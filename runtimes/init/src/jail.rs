@@ -101,6 +101,19 @@ fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
     )
 }
 
+/// Binds `source` at `target`, writable, without devices or set-id
+/// programs.
+fn bind_read_write(source: &Path, target: &Path) -> io::Result<()> {
+    mount(Some(source), target, None, libc::MS_BIND, None)?;
+    mount(
+        None,
+        target,
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV,
+        None,
+    )
+}
+
 /// Builds the jail and returns inside it, as the unprivileged PID 1 of the
 /// new namespaces. Only the jailed child returns: the parent waits for it
 /// and exits with its status. Must run before any thread is started.
@@ -256,16 +269,20 @@ fn build_root(spec: &JailSpec) -> Result<(), JailError> {
         step("api socket", fs::write(&target, b""))?;
         step("api socket", bind_read_only(Path::new(socket), &target))?;
     }
-    step(
-        "/tmp",
-        mount(
-            Some(Path::new("tmpfs")),
-            &root.join("tmp"),
-            Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some(&format!("size={}m,mode=1777", spec.tmp_mb.max(1))),
-        ),
-    )?;
+    match &spec.tmp_dir {
+        // The environment's own disk: storage, not memory.
+        Some(disk) => step("/tmp", bind_read_write(Path::new(disk), &root.join("tmp")))?,
+        None => step(
+            "/tmp",
+            mount(
+                Some(Path::new("tmpfs")),
+                &root.join("tmp"),
+                Some("tmpfs"),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                Some(&format!("size={}m,mode=1777", spec.tmp_mb.max(1))),
+            ),
+        )?,
+    }
     step(
         "/proc",
         mount(

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame body: a 6 MB payload plus headers and logs.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
@@ -200,6 +200,9 @@ pub struct JailSpec {
     pub precompiled: Option<String>,
     /// Size of `/tmp` in MiB.
     pub tmp_mb: u32,
+    /// Host directory bound read-write at `/tmp` (the environment's own
+    /// disk); without one, `/tmp` is a tmpfs of `tmp_mb`.
+    pub tmp_dir: Option<String>,
     /// The unprivileged user the function runs as.
     pub uid: u32,
     /// Its group.
@@ -377,6 +380,7 @@ impl Validate for Config {
             for p in [&j.root, &j.task_dir]
                 .into_iter()
                 .chain(j.opt_dir.iter())
+                .chain(j.tmp_dir.iter())
                 .chain(j.precompiled.iter())
                 .chain(j.cgroup_procs.iter())
             {
@@ -599,6 +603,7 @@ mod tests {
                 opt_dir: None,
                 precompiled: None,
                 tmp_mb: 512,
+                tmp_dir: Some("/data/envs/x/tmp".into()),
                 uid: 1000,
                 gid: 1000,
                 cgroup_procs: vec!["/sys/fs/cgroup/pids/kiln/x/cgroup.procs".into()],

@@ -115,6 +115,25 @@ fn run(event: Request, ctx: &Context) -> Result<Value, Error> {
             }))
         }
         "big" => Ok(json!("y".repeat(event.arg.as_u64().unwrap_or(0) as usize))),
+        // Writes `arg` MiB to /tmp/fill: how far it got, and why not further.
+        "fill_tmp" => {
+            use std::io::Write as _;
+            let chunk = vec![7u8; 1 << 20];
+            let mut written = 0u64;
+            let result = std::fs::File::create("/tmp/fill").and_then(|mut f| {
+                for _ in 0..event.arg.as_u64().unwrap_or(1) {
+                    f.write_all(&chunk)?;
+                    written += 1;
+                }
+                f.flush()
+            });
+            Ok(match result {
+                Ok(()) => json!({"mib": written}),
+                Err(e) => {
+                    json!({"mib": written, "error": format!("{:?}", e.kind()), "message": e.to_string()})
+                }
+            })
+        }
         other => Err(Error::new(
             "UnknownAction",
             format!("no action named {other}"),

@@ -149,6 +149,44 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(arg.as_u64().unwrap_or(1000)));
                 Ok(json!("slept"))
             }
+            // Writes `arg` MiB to /tmp/fill: how far it got, and why not further.
+            "fill_tmp" => Ok(fill_tmp(arg.as_u64().unwrap_or(1))),
+            // Leaves a child spinning on the CPU after answering, named
+            // `arg` (as /proc/PID/comm shows it) for the host to find.
+            "spin_child" => {
+                let name =
+                    std::ffi::CString::new(arg.as_str().unwrap_or("kspin")).unwrap_or_default();
+                // SAFETY: the child only names itself and spins; it never
+                // returns into the runtime.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    // SAFETY: PR_SET_NAME reads a NUL-terminated string.
+                    unsafe {
+                        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0)
+                    };
+                    let mut x: u64 = 0;
+                    loop {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                }
+                Ok(json!({"child": pid}))
+            }
+            // Opens `arg.n` connections to kiln's API relay, sends half a
+            // request head on each, holds them `arg.ms`.
+            "hold_relay" => {
+                let relay = std::env::var("AWS_ENDPOINT_URL_LAMBDA").unwrap_or_default();
+                let addr = relay.trim_start_matches("http://").to_owned();
+                let mut held = Vec::new();
+                for _ in 0..arg["n"].as_u64().unwrap_or(64) {
+                    if let Ok(mut c) = TcpStream::connect(&addr) {
+                        let _ =
+                            c.write_all(b"POST /2015-03-31/functions HTTP/1.1\r\nHost: kiln\r\n");
+                        held.push(c);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(arg["ms"].as_u64().unwrap_or(3000)));
+                Ok(json!({"held": held.len()}))
+            }
             // Says something, then overruns its Timeout.
             "print_sleep" => {
                 println!("still working on {id}");
@@ -386,6 +424,25 @@ fn main() {
         };
         if let Err(e) = posted {
             eprintln!("posting the result: {e}");
+        }
+    }
+}
+
+fn fill_tmp(mib: u64) -> Value {
+    use std::io::Write as _;
+    let chunk = vec![7u8; 1 << 20];
+    let mut written = 0u64;
+    let result = std::fs::File::create("/tmp/fill").and_then(|mut f| {
+        for _ in 0..mib {
+            f.write_all(&chunk)?;
+            written += 1;
+        }
+        f.sync_all()
+    });
+    match result {
+        Ok(()) => json!({"mib": written}),
+        Err(e) => {
+            json!({"mib": written, "error": format!("{:?}", e.kind()), "message": e.to_string()})
         }
     }
 }
