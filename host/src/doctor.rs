@@ -112,7 +112,13 @@ async fn jail(data_dir: &Path) -> SandboxStatus {
     };
     // A group of its own: a server may be running on the same data dir.
     let group = format!("doctor-{}", std::process::id());
-    let sandbox = match JailSandbox::new(agent, runtime, group) {
+    let uids = match crate::sandbox::uids::UidBlock::acquire(std::path::Path::new(
+        crate::server::UID_REGISTRY,
+    )) {
+        Ok(u) => Arc::new(u),
+        Err(e) => return fail(format!("no block of host uids: {e}")),
+    };
+    let sandbox = match JailSandbox::new(agent, runtime, group, uids) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };

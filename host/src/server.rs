@@ -8,9 +8,16 @@
 //!   `KILN_MASTER_KEY` is set) and the sealed convergence secret;
 //! - `code/`       code and layer archives, sealed (encrypted, chunks
 //!   deduplicated: `store::sealed`);
-//! - `cache/code/` their unpacked files (plaintext), emptied at start;
-//! - `compiled/`   compiled components;
-//! - `envs/`       per-environment scratch space (`/tmp`), emptied at start.
+//! - `cache/`      a tmpfs private to the server's mount namespace (on the
+//!   host's `/dev/shm` where it cannot mount one) for plaintext working
+//!   copies: `code/` unpacked archives, `compiled/` verified compiled
+//!   components for jails; nothing of it is on disk or outlives the server;
+//! - `compiled/`   compiled components, each authenticated by an HMAC under
+//!   a key sealed by the master key, loaded only when it verifies;
+//! - `envs/`       per-environment directories, emptied at start: each
+//!   environment's `/tmp` disk (`tmp.img`, mounted at `tmp/`) and its API
+//!   socket;
+//! - `runtime/`    the agent, the microVM image, empty `/tmp` file systems.
 
 use std::fs;
 use std::io;
@@ -188,6 +195,7 @@ pub enum StartError {
 /// A started server.
 pub struct Server {
     listener: tokio::net::TcpListener,
+    _working: Option<TmpfsMount>,
     connections: crate::api::connections::ConnectionLimits,
     router: axum::Router,
     state: AppState,
@@ -260,14 +268,17 @@ impl Server {
         let meta = Arc::new(MetaStore::open(&dir.join("kiln.db"))?);
         let sealed = SealedStore::open(dir.join("code"), dir.join("keys"), MasterKey::from_env()?)?;
         tracing::info!(key_id = %sealed.master_key_id(), "code archives sealed under master key");
-        // The plaintext cache is emptied by `open`: it must not outlive us.
-        let artifacts = ArtifactStore::open(
-            sealed,
-            dir.join("cache").join("code"),
-            ArchiveLimits::default(),
-        )?;
+        let compiled_key = sealed_key(&sealed, crate::store::artifacts::COMPILED_KEY_IDENTITY)?;
+        // Plaintext working copies live where they vanish with the server or
+        // the host; the cache is emptied by `open` too.
+        let (working, working_mount) = working_copies(&dir.join("cache"), limits.memory_budget_mb)
+            .map_err(data_dir_error(dir))?;
+        let artifacts =
+            ArtifactStore::open(sealed, working.join("code"), ArchiveLimits::default())?;
         let mut wasm_config = RuntimeConfig::new(dir.join("compiled"));
         wasm_config.max_environments = config.max_environments;
+        wasm_config.artifact_key = Some(compiled_key);
+        wasm_config.working_dir = Some(working.join("compiled"));
         let runtime = Arc::new(Runtime::new(wasm_config)?);
         let mut envs = EnvironmentsDir::open(dir.join("envs")).map_err(data_dir_error(dir))?;
         let scratch = tokio::task::spawn_blocking({
@@ -370,6 +381,7 @@ impl Server {
         let router = api::router(state.clone());
         Ok(Self {
             listener,
+            _working: working_mount,
             connections,
             router,
             state,
@@ -475,10 +487,15 @@ async fn sandboxes(
             None
         }
     };
+    // Host uids no other kiln server on this host uses.
+    let uids = crate::sandbox::uids::UidBlock::acquire(Path::new(UID_REGISTRY))
+        .map(Arc::new)
+        .map_err(|e| format!("taking a block of host uids in {UID_REGISTRY}: {e}"));
     let jail: Result<Arc<JailSandbox>, String> = async {
+        let uids = uids.clone()?;
         let agent = install_agent(&dir.join("runtime"))
             .map_err(|e| format!("installing the agent: {e}"))?;
-        let jail = JailSandbox::new(agent, runtime.clone(), group.clone())
+        let jail = JailSandbox::new(agent, runtime.clone(), group.clone(), uids)
             .map_err(|e| e.to_string())?
             .with_relay(relay);
         let scratch = dir
@@ -495,7 +512,10 @@ async fn sandboxes(
             tracing::warn!(reason = %why, "jail sandbox unavailable: native runtimes cannot run on this host")
         }
     }
-    let microvm = microvm_sandbox(config, runtime.clone(), group).await;
+    let microvm = match uids {
+        Ok(uids) => microvm_sandbox(config, runtime.clone(), group, uids).await,
+        Err(why) => Err(why),
+    };
     let fallback = if jail.is_ok() { "jail" } else { "none" };
     match &microvm {
         Ok(_) => tracing::info!("microvm sandbox available: functions run in microVMs"),
@@ -548,6 +568,7 @@ async fn microvm_sandbox(
     config: &ServerConfig,
     runtime: Arc<Runtime>,
     group: String,
+    uids: Arc<crate::sandbox::uids::UidBlock>,
 ) -> Result<Arc<dyn Sandbox>, String> {
     use crate::sandbox::microvm::{MicroVmSandbox, try_boot};
     let kernel = config.guest_kernel.as_deref().ok_or_else(|| {
@@ -560,9 +581,12 @@ async fn microvm_sandbox(
         boot_ms = booted.as_millis() as u64,
         "a microVM booted to its agent"
     );
-    let sandbox = MicroVmSandbox::new(image, runtime, group).map_err(|e| e.to_string())?;
+    let sandbox = MicroVmSandbox::new(image, runtime, group, uids).map_err(|e| e.to_string())?;
     Ok(Arc::new(sandbox))
 }
+
+/// Where kiln servers on this host register the uid blocks they hold.
+pub const UID_REGISTRY: &str = "/run/kiln/uids";
 
 /// Moves this process into a mount namespace of its own, whose mounts
 /// (environments' `/tmp` disks, the code cache) vanish with it however it
@@ -645,17 +669,89 @@ fn lock_data_dir(dir: &Path) -> Result<fs::File, StartError> {
 /// random bytes made at first start, kept sealed under the master key (so a
 /// master-key rotation re-wraps it with the code archives).
 fn credentials_key(sealed: &crate::store::sealed::SealedStore) -> Result<[u8; 32], StartError> {
-    const IDENTITY: &str = crate::store::artifacts::CREDENTIALS_KEY_IDENTITY;
-    if sealed.contains(IDENTITY) {
-        return sealed.get(IDENTITY)?.try_into().map_err(|_| {
-            StartError::Config("the sealed credentials key is not 32 bytes".to_owned())
-        });
+    sealed_key(sealed, crate::store::artifacts::CREDENTIALS_KEY_IDENTITY)
+}
+
+/// A 32-byte key kept sealed under the master key as `identity`, made at
+/// first start (so a master-key rotation re-wraps it with the archives).
+fn sealed_key(
+    sealed: &crate::store::sealed::SealedStore,
+    identity: &str,
+) -> Result<[u8; 32], StartError> {
+    if sealed.contains(identity) {
+        return sealed
+            .get(identity)?
+            .try_into()
+            .map_err(|_| StartError::Config(format!("the sealed key {identity} is not 32 bytes")));
     }
     let mut key = [0u8; 32];
     aws_lc_rs::rand::fill(&mut key)
         .map_err(|_| StartError::Config("the system RNG failed".to_owned()))?;
-    sealed.put(IDENTITY, &key)?;
+    sealed.put(identity, &key)?;
     Ok(key)
+}
+
+/// The directory for plaintext working copies (unpacked code, verified
+/// compiled components): a tmpfs mounted at `dir`, private to the server's
+/// mount namespace, so that nothing of it is on disk or outlives the
+/// server; where it cannot be mounted (not root), a directory under the
+/// host's own tmpfs `/dev/shm`, which at least vanishes with the host.
+/// Sized at a quarter of physical memory (it takes only what it holds).
+fn working_copies(dir: &Path, budget_mb: u64) -> io::Result<(PathBuf, Option<TmpfsMount>)> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir)?;
+    // One left by a server of this data dir that ran in the host's mount
+    // namespace (embedded, say) and died.
+    let _ = TmpfsMount(dir.to_path_buf());
+    let size_mb = crate::host_limits::physical_memory_mb()
+        .map_or(budget_mb / 4, |m| m / 4)
+        .max(256);
+    let (target, options) = (
+        std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::other("a path with a NUL byte"))?,
+        std::ffi::CString::new(format!("size={size_mb}m,mode=0700"))
+            .map_err(|_| io::Error::other("mount options"))?,
+    );
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let mounted = unsafe {
+        libc::mount(
+            c"kiln-cache".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            options.as_ptr().cast(),
+        )
+    } == 0;
+    if mounted {
+        return Ok((dir.to_path_buf(), Some(TmpfsMount(dir.to_path_buf()))));
+    }
+    let error = io::Error::last_os_error();
+    let fallback =
+        PathBuf::from("/dev/shm").join(format!("kiln-{}", crate::sandbox::cgroup::group_for(dir)));
+    tracing::warn!(
+        error = %error,
+        fallback = %fallback.display(),
+        "no private tmpfs for working copies: using the host's /dev/shm"
+    );
+    fs::create_dir_all(&fallback)?;
+    fs::set_permissions(&fallback, fs::Permissions::from_mode(0o700))?;
+    Ok((fallback, None))
+}
+
+/// A tmpfs of the server's, unmounted when dropped (it goes with the
+/// server's mount namespace anyway; this covers a server embedded in a
+/// process that keeps the host's).
+#[derive(Debug)]
+struct TmpfsMount(PathBuf);
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        if let Ok(target) = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a NUL-terminated path; unmounting what is not mounted
+            // fails harmlessly.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
 
 /// Signs a digest of the trail's new records every `interval`.

@@ -713,3 +713,102 @@ def test_a_function_out_of_memory_is_killed_not_its_agent(lam, artifacts):
     assert body["errorMessage"].endswith("Error: Runtime exited with error: signal: killed")
     assert "Runtime exited with error: signal: killed (Runtime.OutOfMemory)" in base64.b64decode(r["LogResult"]).decode()
     assert call(lam, "oom-native", {"action": "echo", "arg": 1})[1] == 1
+
+
+# --- 11. working copies ------------------------------------------------------------------
+
+
+def test_no_plaintext_of_the_code_is_left_on_disk(tmp_path, artifacts):
+    """A marker shipped in a zip is found nowhere under the data dir: the
+    unpacked code lives in the server's own tmpfs."""
+    import secrets
+    marker = secrets.token_hex(32).encode()
+    with zipfile.ZipFile(io.BytesIO(artifacts["hello"])) as z:
+        component = z.read("function.wasm")
+    code = zip_with({"function.wasm": (component, 0o100644), "marker.txt": (marker, 0o100644)})
+    data = tmp_path / "data"
+    srv = KilnServer(data).start()
+    try:
+        lam = srv.client()
+        create(lam, "marked", code)
+        assert lam.invoke(FunctionName="marked")["StatusCode"] == 200
+        found = [p for p in data.rglob("*") if p.is_file() and not p.is_symlink() and marker in p.read_bytes()]
+        assert not found, found
+    finally:
+        srv.stop()
+
+
+def test_a_compiled_file_planted_in_the_data_dir_is_not_run(tmp_path, artifacts):
+    data = tmp_path / "data"
+    srv = KilnServer(data).start()
+    try:
+        lam = srv.client()
+        create(lam, "planted-a", artifacts["hello"])
+        create(lam, "planted-b", artifacts["misbehave"])
+        import hashlib
+        # Compiled files are named by sha256(code sha256 hex, NUL, handler).
+        key = {n: hashlib.sha256(base64.b64decode(lam.get_function(FunctionName=n)["Configuration"]["CodeSha256"])
+                                 .hex().encode() + b"\0function.wasm").hexdigest()
+               for n in ("planted-a", "planted-b")}
+    finally:
+        srv.stop()
+    compiled = {n: next(p for p in (data / "compiled").iterdir() if p.name.startswith(key[n])) for n in key}
+    # Someone who can write the directory puts b's machine code where a's is.
+    compiled["planted-a"].write_bytes(compiled["planted-b"].read_bytes())
+    srv = KilnServer(data).start()
+    try:
+        _, body = call(srv.client(), "planted-a", {"action": "echo", "arg": "planted"})
+        assert body != "planted" and body["greeting"] == "Hello, world!", body
+        assert "does not authenticate" in "".join(srv.stderr_lines)
+    finally:
+        srv.stop()
+
+
+# --- 10. seccomp allowlist, user namespaces ----------------------------------------------
+
+
+def host_ids(tag):
+    """Host uid of the process named `tag`, and its user namespace."""
+    for p in pathlib.Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and (p / "comm").read_text().strip() == tag:
+                status = (p / "status").read_text()
+                uid = int(next(l for l in status.splitlines() if l.startswith("Uid:")).split()[1])
+                return uid, os.readlink(p / "ns" / "user")
+        except OSError:
+            continue
+    raise AssertionError(f"no process {tag}")
+
+
+def test_two_servers_never_run_environments_as_the_same_host_uid(tmp_path, artifacts):
+    servers = [KilnServer(tmp_path / f"data-{i}").start() for i in range(2)]
+    try:
+        seen = []
+        for i, srv in enumerate(servers):
+            lam = srv.client()
+            native(lam, "who", artifacts["native-misbehave"])
+            _, who = call(lam, "who", {"action": "whoami"})
+            assert who["uid"] == 993, who
+            tag = f"kuid{os.getpid() % 1000}x{i}"
+            call(lam, "who", {"action": "spin_child", "arg": tag})
+            seen.append(host_ids(tag))
+        (uid_a, ns_a), (uid_b, ns_b) = seen
+        assert uid_a >= 1 << 30 and uid_b >= 1 << 30, seen
+        assert uid_a // 65536 != uid_b // 65536, seen  # different blocks
+        assert ns_a != ns_b != os.readlink("/proc/self/ns/user"), seen
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
+def test_syscalls_off_the_list_are_refused(lam, artifacts):
+    native(lam, "sys-list", artifacts["native-misbehave"])
+    _, body = call(lam, "sys-list", {"action": "syscalls"})
+    for name in ["mount", "unshare", "ptrace"]:
+        assert body[name] == [-1, 1], (name, body)  # EPERM
+    # Root does not exist in the function's user namespace: EINVAL.
+    assert body["setuid"] == [-1, 22], body
+    _, body = call(lam, "sys-list", {"action": "unlisted_syscalls"})
+    # acct, personality and a syscall number no kernel has yet: EPERM from
+    # the allowlist; clone3: ENOSYS, so that C libraries use clone.
+    assert body == {"acct": 1, "personality": 1, "future": 1, "clone3": 38}, body

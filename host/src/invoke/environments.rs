@@ -145,11 +145,14 @@ impl Drop for EnvironmentDir {
     }
 }
 
-/// Counts the live environments of one provisioned concurrency config and
-/// wakes its maintainer when one goes away.
+/// Counts the environments of one provisioned concurrency config: those
+/// that exist (initializing included: the maintainer's count) and those
+/// ready for invocations (the status's count), and wakes its maintainer
+/// when one goes away.
 #[derive(Debug, Default)]
 pub(super) struct ProvisionedCount {
     live: AtomicUsize,
+    ready: AtomicUsize,
     pub(super) changed: Notify,
 }
 
@@ -157,23 +160,45 @@ impl ProvisionedCount {
     pub(super) fn live(&self) -> usize {
         self.live.load(Ordering::Acquire)
     }
+
+    /// Environments initialized and waiting for (or serving) invocations.
+    pub(super) fn ready(&self) -> usize {
+        self.ready.load(Ordering::Acquire)
+    }
 }
 
-/// Held by a provisioned environment: counts it while it lives.
+/// Held by a provisioned environment: counts it while it lives, and as
+/// ready once its init has succeeded.
 #[derive(Debug)]
-pub(super) struct ProvisionedLease(Arc<ProvisionedCount>);
+pub(super) struct ProvisionedLease {
+    count: Arc<ProvisionedCount>,
+    ready: bool,
+}
 
 impl ProvisionedLease {
     pub(super) fn new(count: Arc<ProvisionedCount>) -> Self {
         count.live.fetch_add(1, Ordering::AcqRel);
-        Self(count)
+        Self {
+            count,
+            ready: false,
+        }
+    }
+
+    fn set_ready(&mut self) {
+        if !self.ready {
+            self.ready = true;
+            self.count.ready.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 
 impl Drop for ProvisionedLease {
     fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_one();
+        if self.ready {
+            self.count.ready.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.count.live.fetch_sub(1, Ordering::AcqRel);
+        self.count.changed.notify_one();
     }
 }
 
@@ -223,6 +248,14 @@ impl Environment {
     /// Whether the environment belongs to a provisioned concurrency config.
     pub(super) fn is_provisioned(&self) -> bool {
         self.lease.is_some()
+    }
+
+    /// Counts a provisioned environment as ready (its init succeeded and it
+    /// is about to join its pool).
+    pub(super) fn set_provisioned_ready(&mut self) {
+        if let Some(lease) = &mut self.lease {
+            lease.set_ready();
+        }
     }
 
     pub(super) async fn invoke(&mut self, request: &InvocationRequest) -> InvocationReport {

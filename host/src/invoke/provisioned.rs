@@ -104,7 +104,7 @@ impl DataPlane {
     pub fn provisioned_status(&self, function: &str, qualifier: &str) -> Option<ProvisionedStatus> {
         let map = self.provisioned_lock();
         let m = map.get(&(function.to_owned(), qualifier.to_owned()))?;
-        let allocated = (m.count.live() as u32).min(m.requested);
+        let allocated = (m.count.ready() as u32).min(m.requested);
         let reason = m.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let status = if allocated >= m.requested {
             "READY"
@@ -166,12 +166,15 @@ async fn maintain(
             .create_environment(&slot, InitType::Provisioned, Some(lease))
             .await;
         let problem = match created {
-            Ok((Some(env), _, _)) => {
+            Ok((Some(mut env), _, _)) => {
                 if slot.is_retired() {
                     // Replaced while initializing: the next round builds on
                     // the new slot.
                     drop(env);
                 } else {
+                    // Counted as available only now that an invocation
+                    // finds it in the pool.
+                    env.set_provisioned_ready();
                     slot.provisioned.push(env);
                 }
                 failures = 0;

@@ -23,7 +23,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -50,9 +49,11 @@ const WASM_ENGINE_OVERHEAD: u64 = 96 << 20;
 /// report the timeout itself (with the function's output) before it gives
 /// up on the environment.
 const AGENT_GRACE: Duration = Duration::from_secs(2);
-/// First uid (and gid) functions run as; each environment gets its own.
-const FIRST_UID: u32 = 100_000;
-const UIDS: u32 = 60_000;
+/// Host uids (and gids) functions run as, from the server's block; each
+/// environment gets its own.
+/// The part of the server's uid block that jails' functions run as (the
+/// rest is the VMM processes').
+pub(crate) const JAIL_UIDS: u32 = 60_000;
 
 /// Writes the embedded agent to `dir` (once per content) and returns its
 /// path.
@@ -207,7 +208,7 @@ pub struct JailSandbox {
     agent: PathBuf,
     wasm: Arc<kiln_wasm::Runtime>,
     spawner: Spawner,
-    next_uid: AtomicU32,
+    uids: Arc<super::uids::UidBlock>,
     cgroup_group: String,
     /// The way back to kiln's API: a socket per environment, mounted into
     /// its jail (see `sandbox::relay`).
@@ -240,13 +241,14 @@ impl JailSandbox {
         agent: PathBuf,
         wasm: Arc<kiln_wasm::Runtime>,
         cgroup_group: String,
+        uids: Arc<super::uids::UidBlock>,
     ) -> std::io::Result<Self> {
         Ok(Self {
             agent,
             cgroup_group,
             wasm,
             spawner: Spawner::start()?,
-            next_uid: AtomicU32::new(0),
+            uids,
             relay: None,
         })
     }
@@ -311,7 +313,7 @@ impl Sandbox for JailSandbox {
                     SandboxKind::Jail,
                     JailCode::Wasm {
                         component,
-                        precompiled: self.wasm.cached_path(&code.key),
+                        precompiled: self.wasm.working_copy(&code.key),
                     },
                 ))
             }
@@ -340,7 +342,7 @@ impl Sandbox for JailSandbox {
         let internal =
             |what: &str, e: &dyn std::fmt::Display| SandboxError::Internal(format!("{what}: {e}"));
         let id = spec.id();
-        let uid = FIRST_UID + self.next_uid.fetch_add(1, Ordering::Relaxed) % UIDS;
+        let uid = self.uids.next(0, JAIL_UIDS);
         let memory = u64::from(spec.memory_mb) << 20;
         let (mode, precompiled, limit) = match code {
             JailCode::Native => (Mode::Bootstrap, None, memory),

@@ -11,7 +11,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,9 +29,6 @@ use crate::control::runtimes::{self, Family};
 const GUEST_OVERHEAD_MB: u32 = 160;
 /// Host memory the VMM process itself may use beyond the guest's.
 const VMM_OVERHEAD: u64 = 32 << 20;
-/// Unprivileged ids the VMM processes run as.
-const FIRST_UID: u32 = 300_000;
-const UIDS: u32 = 10_000;
 
 /// What a microVM needs to boot.
 #[derive(Debug, Clone)]
@@ -82,7 +78,7 @@ pub struct MicroVmSandbox {
     wasm: Arc<kiln_wasm::Runtime>,
     spawner: Spawner,
     cgroup_group: String,
-    next_uid: AtomicU32,
+    uids: Arc<super::uids::UidBlock>,
 }
 
 impl std::fmt::Debug for MicroVmSandbox {
@@ -104,13 +100,14 @@ impl MicroVmSandbox {
         image: GuestImage,
         wasm: Arc<kiln_wasm::Runtime>,
         cgroup_group: String,
+        uids: Arc<super::uids::UidBlock>,
     ) -> std::io::Result<Self> {
         Ok(Self {
             image,
             wasm,
             spawner: Spawner::start()?,
             cgroup_group,
-            next_uid: AtomicU32::new(0),
+            uids,
         })
     }
 }
@@ -319,7 +316,11 @@ impl Sandbox for MicroVmSandbox {
         .map_err(|e| internal("reading the code", &e))?;
         let jail_dir = spec.env_dir.join("vmm-root");
         std::fs::create_dir_all(&jail_dir).map_err(|e| internal("VMM jail", &e))?;
-        let uid = FIRST_UID + self.next_uid.fetch_add(1, Ordering::Relaxed) % UIDS;
+        // Past the jails' part of the server's block.
+        let uid = self.uids.next(
+            super::jail::JAIL_UIDS,
+            super::uids::BLOCK - super::jail::JAIL_UIDS,
+        );
         let mode = match code {
             VmCode::Native => Mode::Bootstrap,
             VmCode::Wasm { component } => Mode::Wasm {

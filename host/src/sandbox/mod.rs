@@ -16,6 +16,7 @@ pub mod jail;
 pub mod microvm;
 pub mod relay;
 pub mod scratch;
+pub mod uids;
 pub mod wasm;
 
 use std::any::Any;

@@ -397,6 +397,10 @@ fn seal_plaintext_archives(sealed: &SealedStore) -> Result<(), ArtifactError> {
 /// every `keys/` identity.
 pub const CREDENTIALS_KEY_IDENTITY: &str = "keys/credentials";
 
+/// The sealed identity of the key that authenticates compiled components
+/// (see `kiln_wasm::RuntimeConfig::artifact_key`).
+pub const COMPILED_KEY_IDENTITY: &str = "keys/compiled";
+
 const MERGED_PREFIX: &str = "opt-";
 
 fn merged_key(layers: &[String]) -> String {

@@ -46,12 +46,19 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
+/// `KVM_RUN`, `_IO(KVMIO, 0x80)`: the one ioctl a vCPU thread makes once
+/// it runs (registers, memory and interrupts are all set up before).
+pub const KVM_RUN: u64 = 0xAE80;
+
 /// The filter for `kind`, compiled.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, VmmError> {
+    let err = |e: seccompiler::BackendError| {
+        VmmError::Seccomp(format!("building the {kind:?} filter: {e}"))
+    };
     let extra: &[i64] = match kind {
-        // KVM_RUN and the register ioctls of its own vCPU fd, eventfd
-        // writes for interrupts.
-        ThreadKind::Vcpu => &[libc::SYS_ioctl],
+        // KVM_RUN on its own vCPU fd (below, narrowed by its request
+        // number); interrupts are eventfd writes.
+        ThreadKind::Vcpu => &[],
         // The channel socket, poking vCPU threads out of KVM_RUN.
         ThreadKind::Main => &[
             libc::SYS_recvfrom,
@@ -64,11 +71,24 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, VmmError> {
             libc::SYS_gettid,
         ],
     };
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = COMMON
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = COMMON
         .iter()
         .chain(extra)
         .map(|&nr| (nr, Vec::new()))
         .collect();
+    if kind == ThreadKind::Vcpu {
+        let kvm_run = seccompiler::SeccompRule::new(vec![
+            seccompiler::SeccompCondition::new(
+                1,
+                seccompiler::SeccompCmpArgLen::Dword,
+                seccompiler::SeccompCmpOp::Eq,
+                KVM_RUN,
+            )
+            .map_err(err)?,
+        ])
+        .map_err(err)?;
+        rules.insert(libc::SYS_ioctl, vec![kvm_run]);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -140,6 +160,28 @@ mod tests {
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
         let status = child_status(ThreadKind::Main, open_socket);
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+    }
+
+    fn other_ioctl() -> i64 {
+        // KVM_GET_REGS on stdin: any request but KVM_RUN.
+        // SAFETY: a raw system call with integer arguments; the pointer is
+        // never dereferenced (the filter stops the call first).
+        unsafe { libc::syscall(libc::SYS_ioctl, 0, 0x8090_AE81u64, 0usize) }
+    }
+
+    fn kvm_run_on_a_bad_fd() -> i64 {
+        // SAFETY: a raw system call with integer arguments; it fails with
+        // EBADF.
+        unsafe { libc::syscall(libc::SYS_ioctl, -1, KVM_RUN, 0usize) }
+    }
+
+    #[test]
+    fn a_vcpu_thread_may_issue_kvm_run_and_no_other_ioctl() {
+        let status = child_status(ThreadKind::Vcpu, other_ioctl);
+        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        let status = child_status(ThreadKind::Vcpu, kvm_run_on_a_bad_fd);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
     }
 
     #[test]

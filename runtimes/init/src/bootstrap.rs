@@ -231,7 +231,11 @@ impl Bootstrap {
                     return Err(io::Error::last_os_error());
                 }
                 // The agent protects itself from the OOM killer; the
-                // function must not inherit that.
+                // function must not inherit that. Dumpable again first (it
+                // becomes the function's own process anyway): a process
+                // that changed its uid is not, and its /proc files are
+                // then root's.
+                libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
                 let path = c"/proc/self/oom_score_adj";
                 let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
                 if fd >= 0 {

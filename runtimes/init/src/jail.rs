@@ -8,8 +8,11 @@
 //!    (null, zero, random, urandom); `pivot_root` into it, the old root
 //!    detached, the root remounted read-only;
 //! 5. loopback up (the only interface), hostname, resource limits;
-//! 6. all capabilities dropped: an unprivileged uid/gid, no supplementary
-//!    groups, `no_new_privs`;
+//! 6. a user namespace of its own, in which the function's user
+//!    ([`INSIDE_UID`], Lambda's `sbx_user1051`) is the environment's host
+//!    uid and nothing else is mapped (the parent, still root outside,
+//!    writes the map); then all capabilities dropped: that user, no
+//!    supplementary groups, `no_new_privs`;
 //! 7. the seccomp policy.
 //!
 //! Threat model: the host (kiln) is trusted; the function is not. After
@@ -19,9 +22,14 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use kiln_proto::JailSpec;
+
+/// The uid and gid the function has inside its user namespace (Lambda's
+/// `sbx_user1051` is 993); outside it is the environment's own host uid.
+pub const INSIDE_UID: u32 = 993;
 
 /// A failed step, named.
 #[derive(Debug)]
@@ -133,7 +141,20 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     // SAFETY: unshare with a flag word; it touches no memory of ours.
     step("unshare", check(unsafe { libc::unshare(flags) }))?;
 
-    // 3. fork into the new PID namespace.
+    // 3. fork into the new PID namespace, with a pipe each way: the child
+    // asks for its user namespace's map (step 6), the parent answers once
+    // it has written it.
+    let (ask_read, ask_write) = step("pipe", pipe())?;
+    let (answer_read, answer_write) = step("pipe", pipe())?;
+    // The host's /proc, held open: by the time the parent writes the map,
+    // the child's pivot_root has moved the parent's root too.
+    let host_proc = step(
+        "/proc",
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open("/proc"),
+    )?;
     // SAFETY: the process is single-threaded here, so the child may run
     // arbitrary code after fork.
     let pid = unsafe { libc::fork() };
@@ -144,8 +165,11 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         });
     }
     if pid > 0 {
+        drop((ask_write, answer_read));
+        map_user_namespace(&host_proc, pid, spec, ask_read, answer_write);
         reap_and_exit(pid);
     }
+    drop((ask_read, answer_write, host_proc));
     // The jailed child dies with the parent, which dies with the host. (A
     // parent lost in the instant before this is armed closes the channel,
     // which ends the agent too.)
@@ -182,8 +206,9 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     // the OOM killer still picks the far larger function process.
     let _ = fs::write("/proc/self/oom_score_adj", b"-1000");
 
-    // 6. privileges.
-    drop_privileges(spec.uid, spec.gid)?;
+    // 6. a user namespace, then privileges.
+    enter_user_namespace(ask_write, answer_read)?;
+    drop_privileges(INSIDE_UID, INSIDE_UID)?;
 
     // 7. seccomp.
     crate::seccomp::install().map_err(|e| JailError {
@@ -191,6 +216,95 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         error: io::Error::other(e.0),
     })?;
     Ok(())
+}
+
+fn pipe() -> io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we pass.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors were just made and are owned only here.
+    Ok(unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// The child's side of step 6: a new user namespace, whose map the
+/// parent writes. Supplementary groups go first (setgroups is refused
+/// inside a namespace whose gid map an unprivileged process wrote).
+fn enter_user_namespace(
+    mut ask: std::fs::File,
+    mut answer: std::fs::File,
+) -> Result<(), JailError> {
+    use std::io::{Read, Write};
+    step(
+        "setgroups",
+        // SAFETY: setgroups with an empty list.
+        check(unsafe { libc::setgroups(0, std::ptr::null()) }),
+    )?;
+    step(
+        "user namespace",
+        // SAFETY: unshare with a flag word; the process is single-threaded.
+        check(unsafe { libc::unshare(libc::CLONE_NEWUSER) }),
+    )?;
+    step("user namespace map", ask.write_all(b"m"))?;
+    let mut done = [0u8; 1];
+    step("user namespace map", answer.read_exact(&mut done))?;
+    if done[0] != b'y' {
+        return Err(JailError {
+            step: "user namespace map".into(),
+            error: io::Error::other("the parent could not write the map"),
+        });
+    }
+    Ok(())
+}
+
+/// The parent's side of step 6: once the child has its user namespace,
+/// maps [`INSIDE_UID`] there to the environment's host uid and gid (and
+/// nothing else: root inside is nobody outside).
+fn map_user_namespace(
+    host_proc: &fs::File,
+    child: libc::pid_t,
+    spec: &JailSpec,
+    mut ask: std::fs::File,
+    mut answer: std::fs::File,
+) {
+    use std::io::{Read, Write};
+    let mut asked = [0u8; 1];
+    if ask.read_exact(&mut asked).is_err() {
+        // The child failed before step 6 and says so itself.
+        return;
+    }
+    let write = |file: &str, text: String| -> io::Result<()> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let path = CString::new(format!("{child}/{file}"))
+            .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+        // SAFETY: openat relative to a directory descriptor we hold, with a
+        // NUL-terminated path; the new descriptor is owned by the File.
+        let fd = unsafe {
+            libc::openat(
+                host_proc.as_raw_fd(),
+                path.as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned only here.
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        f.write_all(text.as_bytes())
+    };
+    let mapped = write("setgroups", "deny".into())
+        .and_then(|()| write("uid_map", format!("{INSIDE_UID} {} 1\n", spec.uid)))
+        .and_then(|()| write("gid_map", format!("{INSIDE_UID} {} 1\n", spec.gid)));
+    if let Err(e) = &mapped {
+        eprintln!("kiln-agent: writing the user namespace map: {e}");
+    }
+    let _ = answer.write_all(if mapped.is_ok() { b"y" } else { b"n" });
 }
 
 fn reap_and_exit(child: libc::pid_t) -> ! {
@@ -323,8 +437,7 @@ fn build_root(spec: &JailSpec) -> Result<(), JailError> {
         fs::write(
             root.join("etc/passwd"),
             format!(
-                "root:x:0:0::/:/sbin/nologin\nsbx_user:x:{}:{}::/tmp:/sbin/nologin\n",
-                spec.uid, spec.gid
+                "root:x:0:0::/:/sbin/nologin\nsbx_user1051:x:{INSIDE_UID}:{INSIDE_UID}::/tmp:/sbin/nologin\n"
             ),
         ),
     )?;
@@ -424,11 +537,6 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
         // SAFETY: prctl with integers; unknown capabilities fail harmlessly.
         unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
     }
-    step(
-        "setgroups",
-        // SAFETY: setgroups with an empty list.
-        check(unsafe { libc::setgroups(0, std::ptr::null()) }),
-    )?;
     step(
         "setresgid",
         // SAFETY: plain integer ids.

@@ -259,7 +259,8 @@ impl RuntimeApi {
 
     fn complete(&self, id: &str, outcome: Outcome) -> Reply {
         let mut s = self.lock();
-        if s.answered.as_deref() == Some(id) {
+        let running = matches!(&s.phase, Phase::Running { request_id } if request_id == id);
+        if !running && s.answered.as_deref() == Some(id) {
             return error(
                 StatusCode::FORBIDDEN,
                 "InvalidStateTransition",

@@ -33,6 +33,15 @@ pub struct RuntimeConfig {
     /// Epoch tick: the granularity of deadlines and of cooperative yields of
     /// running guests back to the async executor.
     pub epoch_tick: Duration,
+    /// Authenticates compiled files: each is written with an HMAC-SHA256
+    /// under this key and loaded only when it verifies, so that whoever can
+    /// write the cache directory cannot make this process run machine code
+    /// of their own. `None` trusts the directory (an agent's, read-only).
+    pub artifact_key: Option<[u8; 32]>,
+    /// Where verified copies of compiled files are kept for environments
+    /// that load them elsewhere (jails): a directory that vanishes with the
+    /// host, such as a tmpfs.
+    pub working_dir: Option<PathBuf>,
 }
 
 impl RuntimeConfig {
@@ -42,6 +51,8 @@ impl RuntimeConfig {
             max_environments: 1000,
             cache_dir: cache_dir.into(),
             epoch_tick: Duration::from_millis(1),
+            artifact_key: None,
+            working_dir: None,
         }
     }
 }
@@ -180,12 +191,47 @@ impl Runtime {
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
         let code = self.prepare(component.clone())?;
-        let serialized = component
+        let mut serialized = component
             .serialize()
             .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        if let Some(tag) = self.tag(&path, &serialized) {
+            serialized.extend_from_slice(tag.as_ref());
+        }
         write_atomically(&path, &serialized)
             .map_err(|source| CompileError::Cache { path, source })?;
         Ok(code)
+    }
+
+    /// The HMAC of a compiled file's bytes, bound to its name (so that one
+    /// code's file cannot stand in for another's); `None` without a key.
+    fn tag(&self, path: &Path, body: &[u8]) -> Option<aws_lc_rs::hmac::Tag> {
+        let key = self.config.artifact_key.as_ref()?;
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&key);
+        ctx.update(b"kiln-compiled-v1\0");
+        ctx.update(path.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+        ctx.update(b"\0");
+        ctx.update(body);
+        Some(ctx.sign())
+    }
+
+    /// The compiled bytes of a cache file, when it authenticates (or when
+    /// this runtime has no key); `None` for a file to discard.
+    fn authentic<'a>(&self, path: &Path, file: &'a [u8]) -> Option<&'a [u8]> {
+        let Some(key) = self.config.artifact_key.as_ref() else {
+            return Some(file);
+        };
+        let split = file.len().checked_sub(TAG_LEN)?;
+        let (body, tag) = file.split_at(split);
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+        let mut message = Vec::with_capacity(body.len() + 64);
+        message.extend_from_slice(b"kiln-compiled-v1\0");
+        message.extend_from_slice(path.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+        message.push(0);
+        message.extend_from_slice(body);
+        aws_lc_rs::hmac::verify(&key, &message, tag)
+            .ok()
+            .map(|()| body)
     }
 
     /// Returns the runnable form of the code named `key`: from the cache when
@@ -200,21 +246,28 @@ impl Runtime {
         // later truncated or rewritten in place faults (SIGBUS) the whole
         // server, and a copy costs only the compiled code's size.
         match fs::read(&path) {
-            Ok(compiled) => {
-                // SAFETY: the cache directory is written only by `compile`
-                // (atomically, from `Component::serialize` of this same engine
-                // configuration, whose hash is part of the file name), and the
-                // data dir is private to kiln. `deserialize` still checks the
-                // header and engine compatibility and fails on a mismatch; the
-                // bytes are our own copy, so nothing can change them under us.
-                match unsafe { Component::deserialize(&self.engine, &compiled) } {
-                    Ok(component) => return self.prepare(component),
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "discarding unusable compiled component");
-                        let _ = fs::remove_file(&path);
+            Ok(file) => match self.authentic(&path, &file) {
+                Some(compiled) => {
+                    // SAFETY: the bytes are `Component::serialize` output of
+                    // this engine configuration (its hash is in the file
+                    // name) written by `compile`: with a key, the HMAC proves
+                    // it; without one, the directory is the agent's own,
+                    // read-only. `deserialize` still checks the header and
+                    // engine compatibility; the bytes are our own copy, so
+                    // nothing can change them under us.
+                    match unsafe { Component::deserialize(&self.engine, compiled) } {
+                        Ok(component) => return self.prepare(component),
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "discarding unusable compiled component");
+                            let _ = fs::remove_file(&path);
+                        }
                     }
                 }
-            }
+                None => {
+                    tracing::warn!(path = %path.display(), "discarding a compiled component that does not authenticate (not written by this server): compiling it again");
+                    let _ = fs::remove_file(&path);
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(CompileError::Cache { path, source }),
         }
@@ -255,9 +308,28 @@ impl Runtime {
         self.prepare(component)
     }
 
-    /// The path of the compiled form of `key`, if it exists.
-    pub fn cached_path(&self, key: &str) -> Option<PathBuf> {
-        self.cache_path(key).ok().filter(|p| p.is_file())
+    /// A file environments elsewhere (jails) may load the compiled form of
+    /// `key` from, if there is one: with an artifact key, a verified copy
+    /// without its tag in the working directory, made once; without, the
+    /// cache file itself.
+    pub fn working_copy(&self, key: &str) -> Option<PathBuf> {
+        let path = self.cache_path(key).ok().filter(|p| p.is_file())?;
+        let (Some(_), Some(dir)) = (&self.config.artifact_key, &self.config.working_dir) else {
+            return self.config.artifact_key.is_none().then_some(path);
+        };
+        let copy = dir.join(path.file_name()?);
+        if copy.is_file() {
+            return Some(copy);
+        }
+        let file = fs::read(&path).ok()?;
+        let Some(body) = self.authentic(&path, &file) else {
+            tracing::warn!(path = %path.display(), "discarding a compiled component that does not authenticate");
+            let _ = fs::remove_file(&path);
+            return None;
+        };
+        fs::create_dir_all(dir).ok()?;
+        write_atomically(&copy, body).ok()?;
+        Some(copy)
     }
 
     /// Removes the compiled form of `key`, if any.
@@ -308,6 +380,9 @@ impl Runtime {
             .join(format!("{key}-{:016x}.cwasm", self.engine_hash)))
     }
 }
+
+/// Bytes of the tag after a compiled file's body.
+const TAG_LEN: usize = 32;
 
 /// Distinguishes "not Wasm" and "core module" from a component before
 /// handing the bytes to the compiler, so the error says what to fix.

@@ -153,6 +153,58 @@ async fn compiled_components_are_cached_on_disk() {
     assert!(code.has_init());
 }
 
+#[tokio::test]
+async fn a_compiled_file_not_written_under_the_key_is_compiled_again_never_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyed = |key: [u8; 32]| {
+        let mut c = RuntimeConfig::new(dir.path().join("cache"));
+        c.max_environments = 2;
+        c.artifact_key = Some(key);
+        c.working_dir = Some(dir.path().join("work"));
+        Runtime::new(c).unwrap()
+    };
+    let runtime = keyed([7; 32]);
+    let hello = std::fs::read(kiln_test_support::wasm_function("hello")).unwrap();
+    let misbehave = std::fs::read(kiln_test_support::wasm_function("misbehave")).unwrap();
+    runtime.compile("code-a", &hello).unwrap();
+    // Someone who can write the directory but has no key puts another
+    // function's machine code where code-a's is (here: compiled by a
+    // runtime with a different key, so its format is right).
+    let forger = keyed([9; 32]);
+    forger.compile("code-a", &misbehave).unwrap();
+    // The runtime with the right key refuses it and compiles code-a's own
+    // source again: it runs hello, not misbehave.
+    let code = runtime.load("code-a", || Ok(hello.clone())).unwrap();
+    let task = dir.path().join("task");
+    std::fs::create_dir_all(&task).unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut env = Environment::create(
+        &runtime,
+        &code,
+        EnvironmentConfig {
+            memory_limit_mb: 128,
+            env: Vec::new(),
+            task_dir: task,
+            opt_dir: None,
+            tmp_dir: tmp,
+            log_capacity: 4096,
+            kiln_endpoint: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(env.init(Duration::from_secs(10)).await.result.is_ok());
+    let answer = response(call(&mut env, "echo", json!("x"), 3000).await);
+    assert!(answer.get("greeting").is_some(), "{answer}");
+    // Its file is authentic again; the jail's working copy is the bare
+    // compiled form of it, and a copy of a forged file is never made.
+    let copy = runtime.working_copy("code-a").unwrap();
+    assert!(copy.starts_with(dir.path().join("work")));
+    forger.compile("code-b", &misbehave).unwrap();
+    assert!(runtime.working_copy("code-b").is_none());
+}
+
 #[test]
 fn non_components_are_refused_with_what_to_fix() {
     let f = Fixture::new(1);

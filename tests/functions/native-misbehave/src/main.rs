@@ -337,6 +337,28 @@ fn main() {
                     "setuid": [setuid, setuid_errno],
                 }))
             }
+            // Syscalls no runtime needs, and one from the future: the errno each got.
+            "unlisted_syscalls" => {
+                // SAFETY: each call is expected to be refused; integer arguments.
+                let acct = unsafe { libc::syscall(libc::SYS_acct, 0) };
+                let acct_errno = errno();
+                // SAFETY: as above.
+                let personality = unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffffu64) };
+                let personality_errno = errno();
+                // SAFETY: as above.
+                let future = unsafe { libc::syscall(1000) };
+                let future_errno = errno();
+                // SAFETY: as above; clone3 with no arguments.
+                let clone3 = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+                let clone3_errno = errno();
+                let _ = (acct, personality, future, clone3);
+                Ok(json!({
+                    "acct": acct_errno,
+                    "personality": personality_errno,
+                    "future": future_errno,
+                    "clone3": clone3_errno,
+                }))
+            }
             "bad_requests" => {
                 let status = |r: std::io::Result<Reply>| r.map(|r| r.status).unwrap_or(0);
                 let mut out = serde_json::Map::new();
