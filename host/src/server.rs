@@ -483,15 +483,19 @@ async fn sandboxes(
             Some(Arc::new(c))
         }
         Err(e) => {
-            tracing::warn!(error = %e, "no parent cgroup for environments: jails cannot run");
+            tracing::warn!(error = %e, "no parent cgroup for environments");
             None
         }
     };
+    let parent_cgroup: Result<(), String> = server_cgroup.as_ref().map(drop).ok_or_else(|| {
+        "no parent cgroup to bound the environments together (see the server's log)".to_owned()
+    });
     // Host uids no other kiln server on this host uses.
     let uids = crate::sandbox::uids::UidBlock::acquire(Path::new(UID_REGISTRY))
         .map(Arc::new)
         .map_err(|e| format!("taking a block of host uids in {UID_REGISTRY}: {e}"));
     let jail: Result<Arc<JailSandbox>, String> = async {
+        parent_cgroup.clone()?;
         let uids = uids.clone()?;
         let agent = install_agent(&dir.join("runtime"))
             .map_err(|e| format!("installing the agent: {e}"))?;
@@ -512,9 +516,9 @@ async fn sandboxes(
             tracing::warn!(reason = %why, "jail sandbox unavailable: native runtimes cannot run on this host")
         }
     }
-    let microvm = match uids {
-        Ok(uids) => microvm_sandbox(config, runtime.clone(), group, uids).await,
-        Err(why) => Err(why),
+    let microvm = match (uids, parent_cgroup) {
+        (Ok(uids), Ok(())) => microvm_sandbox(config, runtime.clone(), group, uids).await,
+        (Err(why), _) | (_, Err(why)) => Err(why),
     };
     let fallback = if jail.is_ok() { "jail" } else { "none" };
     match &microvm {
@@ -698,7 +702,6 @@ fn sealed_key(
 /// host's own tmpfs `/dev/shm`, which at least vanishes with the host.
 /// Sized at a quarter of physical memory (it takes only what it holds).
 fn working_copies(dir: &Path, budget_mb: u64) -> io::Result<(PathBuf, Option<TmpfsMount>)> {
-    use std::os::unix::fs::PermissionsExt;
     fs::create_dir_all(dir)?;
     // One left by a server of this data dir that ran in the host's mount
     // namespace (embedded, say) and died.
@@ -733,8 +736,25 @@ fn working_copies(dir: &Path, budget_mb: u64) -> io::Result<(PathBuf, Option<Tmp
         fallback = %fallback.display(),
         "no private tmpfs for working copies: using the host's /dev/shm"
     );
-    fs::create_dir_all(&fallback)?;
-    fs::set_permissions(&fallback, fs::Permissions::from_mode(0o700))?;
+    // A name anyone could have made first: it must be ours, private and
+    // not a link.
+    match fs::DirBuilder::new().mode(0o700).create(&fallback) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = fs::symlink_metadata(&fallback)?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no arguments.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+            return Err(io::Error::other(format!(
+                "{} is not a private directory of this user",
+                fallback.display()
+            )));
+        }
+    }
     Ok((fallback, None))
 }
 

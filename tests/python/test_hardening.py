@@ -343,6 +343,47 @@ def test_iam_roles_for_tools_and_assume_role(server, lam, artifacts):
     assert error_of(lambda: as_role.delete_function(FunctionName="tool-target"))[0] == "AccessDeniedException"
 
 
+def test_assume_role_follows_iams_rules(server, lam, artifacts, tmp_path):
+    """A trust policy naming the account lets in only callers whose own
+    policies allow sts:AssumeRole; one naming the caller lets it in."""
+    iam = server.client("iam")
+    account_trust = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {"AWS": f"{IAM}:root"}}]}
+    role = iam.create_role(RoleName="account-trusted", AssumeRolePolicyDocument=json.dumps(account_trust))["Role"]
+    nobody = key_client(server, tmp_path, "no-assume", [{"Effect": "Allow", "Action": "lambda:Get*", "Resource": "*"}],
+                        "sts")
+    code, status, _ = error_of(lambda: nobody.assume_role(RoleArn=role["Arn"], RoleSessionName="s1"))
+    assert (code, status) == ("AccessDenied", 403)
+    allowed = key_client(server, tmp_path, "may-assume", [
+        {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": role["Arn"]}], "sts")
+    assert allowed.assume_role(RoleArn=role["Arn"], RoleSessionName="s2")["Credentials"]["AccessKeyId"]
+    named_trust = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {"AWS": f"{IAM}:user/named"}}]}
+    named_role = iam.create_role(RoleName="user-trusted", AssumeRolePolicyDocument=json.dumps(named_trust))["Role"]
+    named = key_client(server, tmp_path, "named", [{"Effect": "Allow", "Action": "lambda:Get*", "Resource": "*"}], "sts")
+    assert named.assume_role(RoleArn=named_role["Arn"], RoleSessionName="s3")["Credentials"]["AccessKeyId"]
+    # A function's own session (the default role) cannot take the role.
+    create(lam, "assumer", artifacts["misbehave"])
+    _, env = call(lam, "assumer", {"action": "env"})
+    as_fn = server.client("sts", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                          aws_session_token=env["AWS_SESSION_TOKEN"])
+    assert error_of(lambda: as_fn.assume_role(RoleArn=role["Arn"], RoleSessionName="s4"))[0] == "AccessDenied"
+
+
+def test_a_memory_size_over_the_budget_is_refused_when_set(tmp_path, artifacts):
+    srv = KilnServer(tmp_path / "data", ["--memory-budget", "512"]).start()
+    try:
+        lam = srv.client()
+        code, status, message = error_of(lambda: create(lam, "too-big", artifacts["hello"], MemorySize=1024))
+        assert (code, status) == ("InvalidParameterValueException", 400) and "512 MiB" in message
+        create(lam, "fits", artifacts["hello"], MemorySize=256)
+        code, _, _ = error_of(lambda: lam.update_function_configuration(FunctionName="fits", MemorySize=1024))
+        assert code == "InvalidParameterValueException"
+    finally:
+        srv.stop()
+
+
 def test_cargo_lambda_deploys_without_an_iam_role(server, artifacts, tmp_path):
     """cargo-lambda 1.9 calls STS GetCallerIdentity, IAM CreateRole and
     AttachRolePolicy, STS AssumeRole, IAM UpdateAssumeRolePolicy and then
@@ -707,6 +748,10 @@ def test_tmp_is_storage_not_memory(lam, artifacts, runtime):
 
 def test_a_function_out_of_memory_is_killed_not_its_agent(lam, artifacts):
     native(lam, "oom-native", artifacts["native-misbehave"], MemorySize=128)
+    # The function is the OOM killer's first choice, and cannot be lowered
+    # below its agent.
+    _, score = call(lam, "oom-native", {"action": "read", "arg": "/proc/self/oom_score_adj"})
+    assert score == {"ok": "1000\n"}, score
     r = lam.invoke(FunctionName="oom-native", Payload=b'{"action": "grow"}', LogType="Tail")
     body = json.loads(r["Payload"].read())
     assert body["errorType"] == "Runtime.OutOfMemory", body

@@ -7,11 +7,12 @@
 //!   connection idle that long (hyper starts the same timer while it waits
 //!   for the next request).
 //! - At most `max_connections` are open. A new connection at the cap
-//!   closes the oldest one that has not yet made an authenticated request
-//!   (idle attackers go first, signed clients keep theirs); if every open
-//!   connection has authenticated, the newcomer is closed instead.
-//! - The gate marks a connection authenticated ([`ConnectionAuth`]) when a
-//!   request on it passes SigV4.
+//!   closes the oldest one that has not yet made an authorized request
+//!   (idle attackers go first, signed clients keep theirs), else the oldest
+//!   authorized one that is idle between requests; if every open
+//!   connection is serving a request, the newcomer is closed instead.
+//! - The gate marks a connection authorized ([`ConnectionAuth`]) when a
+//!   request on it passes SigV4 and its policies.
 //!
 //! Shutdown, in order: stop accepting, ask every connection to finish the
 //! request it serves and close, wait for them.
@@ -72,7 +73,25 @@ impl ConnectionAuth {
 struct Open {
     accepted: Instant,
     authenticated: Arc<AtomicBool>,
+    /// Requests being served on it now.
+    active: Arc<std::sync::atomic::AtomicUsize>,
     shed: Arc<Notify>,
+}
+
+/// Counts a request as active on its connection while it is served.
+struct Active(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Active {
+    fn new(count: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The open connections, for shedding.
@@ -83,17 +102,23 @@ struct Table {
 
 impl Table {
     /// Makes room for one more under `max`: sheds the oldest connection
-    /// that has not authenticated; `false` when every one has.
+    /// that has not been authorized, else the oldest idle one; `false` when
+    /// every one is authorized and serving a request.
     fn make_room(&mut self, max: usize) -> bool {
         if self.open.len() < max {
             return true;
         }
-        let victim = self
-            .open
-            .iter()
-            .filter(|(_, c)| !c.authenticated.load(Ordering::Relaxed))
-            .min_by_key(|(_, c)| c.accepted)
-            .map(|(id, _)| *id);
+        let oldest = |authorized: bool| {
+            self.open
+                .iter()
+                .filter(|(_, c)| {
+                    c.authenticated.load(Ordering::Relaxed) == authorized
+                        && (!authorized || c.active.load(Ordering::Relaxed) == 0)
+                })
+                .min_by_key(|(_, c)| c.accepted)
+                .map(|(id, _)| *id)
+        };
+        let victim = oldest(false).or_else(|| oldest(true));
         match victim.and_then(|id| self.open.remove(&id)) {
             Some(shed) => {
                 // A stored permit: the connection sees it even if it is not
@@ -145,6 +170,7 @@ pub async fn serve(
         let id = next_id;
         next_id += 1;
         let authenticated = Arc::new(AtomicBool::new(false));
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let shed = Arc::new(Notify::new());
         {
             let mut t = lock(&table);
@@ -157,6 +183,7 @@ pub async fn serve(
                 Open {
                     accepted: Instant::now(),
                     authenticated: authenticated.clone(),
+                    active: active.clone(),
                     shed: shed.clone(),
                 },
             );
@@ -166,7 +193,13 @@ pub async fn serve(
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(addr));
             request.extensions_mut().insert(auth.clone());
-            router.clone().call(request)
+            let serving = Active::new(active.clone());
+            let call = router.clone().call(request);
+            async move {
+                let response = call.await;
+                drop(serving);
+                response
+            }
         });
         let connection = http.serve_connection(TokioIo::new(tcp), service);
         let (table, mut stop_rx, done_rx) = (table.clone(), stop_rx.clone(), done_rx.clone());
@@ -207,13 +240,14 @@ pub async fn serve(
 mod tests {
     use super::*;
 
-    fn open(table: &mut Table, id: u64, authenticated: bool) -> Arc<Notify> {
+    fn open(table: &mut Table, id: u64, authenticated: bool, active: usize) -> Arc<Notify> {
         let shed = Arc::new(Notify::new());
         table.open.insert(
             id,
             Open {
                 accepted: Instant::now() + Duration::from_millis(id),
                 authenticated: Arc::new(AtomicBool::new(authenticated)),
+                active: Arc::new(std::sync::atomic::AtomicUsize::new(active)),
                 shed: shed.clone(),
             },
         );
@@ -223,18 +257,22 @@ mod tests {
     #[test]
     fn the_oldest_unauthenticated_connection_goes_first() {
         let mut t = Table::default();
-        let _signed = open(&mut t, 0, true);
-        let _idle_old = open(&mut t, 1, false);
-        let _idle_new = open(&mut t, 2, false);
+        let _signed = open(&mut t, 0, true, 1);
+        let _idle_old = open(&mut t, 1, false, 0);
+        let _idle_new = open(&mut t, 2, false, 0);
         assert!(t.make_room(4));
         assert!(t.make_room(3));
         assert!(!t.open.contains_key(&1) && t.open.contains_key(&0) && t.open.contains_key(&2));
-        open(&mut t, 3, true);
-        open(&mut t, 4, true);
+        open(&mut t, 3, true, 1);
+        open(&mut t, 4, true, 0);
         assert!(t.make_room(4));
         assert!(!t.open.contains_key(&2));
-        // Every one authenticated: no room.
-        open(&mut t, 5, true);
+        // Every one authorized: the oldest idle one goes.
+        open(&mut t, 5, true, 1);
+        assert!(t.make_room(4));
+        assert!(!t.open.contains_key(&4));
+        // Every one authorized and serving: no room.
+        open(&mut t, 6, true, 1);
         assert!(!t.make_room(4));
         assert_eq!(t.open.len(), 4);
     }

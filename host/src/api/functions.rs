@@ -77,6 +77,19 @@ async fn check_role(
     Ok(())
 }
 
+/// A MemorySize this host can never give one environment is refused when
+/// it is set, not at every invocation.
+fn check_memory(s: &AppState, memory_size: Option<i64>) -> Result<(), ApiError> {
+    let (budget, _) = s.data.memory_budget();
+    match memory_size {
+        Some(m) if m > 0 && m as u64 > budget => Err(ApiError::invalid_parameter(format!(
+            "MemorySize {m} MB is more than this host's memory budget for all execution \
+             environments ({budget} MiB, `kiln serve --memory-budget`)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub(super) async fn create(
     State(s): State<AppState>,
     Extension(caller): Extension<Authenticated>,
@@ -84,6 +97,7 @@ pub(super) async fn create(
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let req: CreateFunctionRequest = json_body(body, "CreateFunction").await?;
+    check_memory(&s, req.memory_size)?;
     check_role(&s, &caller, &conditions, &req.role).await?;
     let config = s.control.create_function(req).await?;
     Ok((StatusCode::CREATED, Json(config)))
@@ -174,6 +188,7 @@ pub(super) async fn update_configuration(
     let r = s.control.function_ref(&name, None)?;
     let req: UpdateFunctionConfigurationRequest =
         json_body(body, "UpdateFunctionConfiguration").await?;
+    check_memory(&s, req.memory_size)?;
     if let Some(role) = &req.role {
         check_role(&s, &caller, &conditions, role).await?;
     }

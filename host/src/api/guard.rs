@@ -65,10 +65,6 @@ pub(crate) async fn guard(
             Err(refused) => return refused,
         },
     };
-    // A known caller's connection is kept when the server sheds idle ones.
-    if let Some(connection) = parts.extensions.get::<super::connections::ConnectionAuth>() {
-        connection.authenticated();
-    }
     let identity = &caller.identity;
 
     let route = matched.as_ref().map_or("", |m| m.as_str());
@@ -148,6 +144,11 @@ pub(crate) async fn guard(
         }
         return refused.into_response();
     }
+    // An authorized caller's connection is kept when the server sheds
+    // connections for new ones.
+    if let Some(connection) = parts.extensions.get::<super::connections::ConnectionAuth>() {
+        connection.authenticated();
+    }
     parts.extensions.insert(caller);
     parts.extensions.insert(conditions);
     let span = tracing::info_span!(
@@ -156,20 +157,27 @@ pub(crate) async fn guard(
         otel.name = op.name,
         enduser.id = %principal,
     );
-    let mut response = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .instrument(span)
-        .await;
-    if response.status().is_success() && CONFIGURATION_CHANGES.contains(&op.name) {
-        response = history(&state, &principal, &op, response).await;
+    let request = Request::from_parts(parts, Body::from(bytes));
+    if !audited {
+        return next.run(request).instrument(span).await;
     }
-    if audited {
+    // A change and its audit record run to the end even if the client
+    // goes away in between: what was changed is always in the trail.
+    let finish = async move {
+        let mut response = next.run(request).instrument(span).await;
+        if response.status().is_success() && CONFIGURATION_CHANGES.contains(&op.name) {
+            response = history(&state, &principal, &op, response).await;
+        }
         let entry = entry(&principal, &source, &op, params, &response);
         if let Err(failed) = record(&state, entry).await {
             return failed;
         }
+        response
+    };
+    match tokio::spawn(finish).await {
+        Ok(response) => response,
+        Err(e) => ApiError::internal(format!("the operation's task failed: {e}")).into_response(),
     }
-    response
 }
 
 /// The caller of a console session.

@@ -326,6 +326,9 @@ pub(crate) async fn blocking<T: Send + 'static, E: Send + 'static>(
 /// half-way through a body does not hold its connection (and whatever
 /// waits on it) for longer.
 pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long a whole request body may take (a 70 MB upload at 1 MB/s): a
+/// client that trickles bytes cannot hold a connection indefinitely.
+pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Reads a body of at most `limit` bytes; a larger one is answered with
 /// `too_large`, one that stalls for [`BODY_IDLE_TIMEOUT`] with 408.
@@ -346,15 +349,19 @@ async fn read_body_within(
     use http_body_util::BodyExt as _;
     let mut body = http_body_util::Limited::new(body, limit);
     let mut bytes = bytes::BytesMut::new();
+    let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
+        let wait = idle.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let frame = match tokio::time::timeout(wait, body.frame()).await {
             Err(_) => {
                 return Err(ApiError::new(
                     StatusCode::REQUEST_TIMEOUT,
                     "RequestTimeoutException",
                     format!(
-                        "The request body stopped arriving for {} ms",
-                        idle.as_millis()
+                        "The request body did not arrive in time: no byte for {} ms, or not all \
+                         of it within {} s",
+                        idle.as_millis(),
+                        BODY_DEADLINE.as_secs()
                     ),
                 ));
             }

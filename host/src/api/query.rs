@@ -172,47 +172,65 @@ pub(super) async fn handle(State(s): State<AppState>, request: Request) -> Respo
             return error.into_response();
         }
     };
-    let result = act(&s, &caller, &action, &form, source, now).await;
-    let audited = action != "GetCallerIdentity" && action != "GetRole";
-    let response = match result {
-        Ok(body) => {
-            let mut r = (
-                StatusCode::OK,
-                format!(
-                    "<{action}Response xmlns=\"{namespace}\"><{action}Result>{body}</{action}Result><ResponseMetadata><RequestId>{}</RequestId></ResponseMetadata></{action}Response>",
-                    uuid::Uuid::new_v4()
-                ),
-            )
-                .into_response();
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
-            r
+    // The change and its audit record run to the end even if the client
+    // goes away (or the connection is shed) in between.
+    let connection = parts
+        .extensions
+        .get::<super::connections::ConnectionAuth>()
+        .cloned();
+    let task = tokio::spawn(async move {
+        let result = act(&s, &caller, &action, &form, source, now).await;
+        if let (Ok(_), Some(connection)) = (&result, &connection) {
+            connection.authenticated();
         }
-        Err(mut e) => {
-            e.namespace = namespace;
-            e.into_response()
-        }
-    };
-    if audited {
-        let entry = crate::audit::AuditEntry {
-            principal: caller.identity.arn.clone(),
-            source: source.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
-            action: action.clone(),
-            resource: role_arn(&s, &form).unwrap_or_else(|| "*".to_owned()),
-            function: None,
-            params: audit_params(&form),
-            status: response.status().as_u16(),
-            error: response
-                .headers()
-                .get("x-amzn-errortype")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+        let response = match result {
+            Ok(body) => {
+                let mut r = (
+                    StatusCode::OK,
+                    format!(
+                        "<{action}Response xmlns=\"{namespace}\"><{action}Result>{body}</{action}Result><ResponseMetadata><RequestId>{}</RequestId></ResponseMetadata></{action}Response>",
+                        uuid::Uuid::new_v4()
+                    ),
+                )
+                    .into_response();
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
+                r
+            }
+            Err(mut e) => {
+                e.namespace = namespace;
+                e.into_response()
+            }
         };
-        if let Err(failed) = super::guard::record(&s, entry).await {
-            return failed;
+        if action != "GetCallerIdentity" && action != "GetRole" {
+            let entry = crate::audit::AuditEntry {
+                principal: caller.identity.arn.clone(),
+                source: source.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+                action: action.clone(),
+                resource: role_arn(&s, &form).unwrap_or_else(|| "*".to_owned()),
+                function: None,
+                params: audit_params(&form),
+                status: response.status().as_u16(),
+                error: response
+                    .headers()
+                    .get("x-amzn-errortype")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            };
+            if let Err(failed) = super::guard::record(&s, entry).await {
+                return failed;
+            }
         }
-    }
-    response
+        response
+    });
+    task.await.unwrap_or_else(|e| {
+        QueryError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ServiceFailure",
+            e.to_string(),
+        )
+        .into_response()
+    })
 }
 
 /// The form without what must not be kept (nothing here is secret but the
@@ -297,6 +315,23 @@ async fn with_credentials<T: Send + 'static>(
         .map_err(key_error)
 }
 
+/// A `RoleName` as IAM's pattern `[\w+=,.@-]{1,64}` allows.
+fn role_name(form: &BTreeMap<String, String>) -> Result<String, QueryError> {
+    let name = required(form, "RoleName")?;
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b));
+    if !ok {
+        return Err(QueryError::validation(format!(
+            "1 validation error detected: Value '{}' at 'roleName' failed to satisfy constraint: \
+             Member must satisfy regular expression pattern: [\\w+=,.@-]+ (1 to 64 characters)",
+            name.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(name.to_owned())
+}
+
 fn required<'a>(form: &'a BTreeMap<String, String>, name: &str) -> Result<&'a str, QueryError> {
     form.get(name).map(String::as_str).ok_or_else(|| {
         QueryError::validation(format!(
@@ -352,7 +387,7 @@ async fn act(
             xml(&identity.user_id)
         )),
         "CreateRole" => {
-            let name = required(form, "RoleName")?.to_owned();
+            let name = role_name(form)?;
             let trust = trust_policy(required(form, "AssumeRolePolicyDocument")?)?;
             authorize(
                 s,
@@ -366,7 +401,7 @@ async fn act(
             Ok(format!("<Role>{}</Role>", role_xml(&role)))
         }
         "GetRole" => {
-            let name = required(form, "RoleName")?.to_owned();
+            let name = role_name(form)?;
             authorize(
                 s,
                 caller,
@@ -384,7 +419,7 @@ async fn act(
             Ok(format!("<Role>{}</Role>", role_xml(&role)))
         }
         "AttachRolePolicy" => {
-            let name = required(form, "RoleName")?.to_owned();
+            let name = role_name(form)?;
             let policy = required(form, "PolicyArn")?.to_owned();
             authorize(
                 s,
@@ -416,7 +451,7 @@ async fn act(
             Ok(String::new())
         }
         "UpdateAssumeRolePolicy" => {
-            let name = required(form, "RoleName")?.to_owned();
+            let name = role_name(form)?;
             let trust = trust_policy(required(form, "PolicyDocument")?)?;
             authorize(
                 s,
@@ -491,6 +526,12 @@ async fn assume_role(
             e
         }
     })?;
+    if matches!(caller.identity.caller, Caller::Role { .. }) && seconds > 3600 {
+        return Err(QueryError::validation(
+            "The requested DurationSeconds exceeds the 1 hour session limit for roles assumed \
+             by role chaining.",
+        ));
+    }
     if caller.identity.caller != Caller::Root {
         let identity_policies: Vec<PolicyDocument> = caller
             .identity
@@ -517,10 +558,17 @@ async fn assume_role(
             resource: &role.arn,
             conditions: &pairs,
         };
+        // IAM's rule for a role in the caller's account: its trust policy
+        // must allow the caller, nothing may deny, and where the trust
+        // names the account (not the caller), the caller's own policies
+        // must allow sts:AssumeRole too.
         let trusted = trust
             .as_ref()
             .is_some_and(|t| evaluate(&[], Some(t), &ctx) == Decision::Allow);
-        if !trusted || evaluate(&identity_policies, trust.as_ref(), &ctx) != Decision::Allow {
+        let decision = evaluate(&identity_policies, trust.as_ref(), &ctx);
+        let named = trust.as_ref().is_some_and(|t| names_caller(t, &ctx));
+        let identity_allows = evaluate(&identity_policies, None, &ctx) == Decision::Allow;
+        if !trusted || decision != Decision::Allow || !(named || identity_allows) {
             return Err(QueryError::new(
                 StatusCode::FORBIDDEN,
                 "AccessDenied",
@@ -569,6 +617,24 @@ async fn assume_role(
         role.role_name,
         xml(&session),
     ))
+}
+
+/// Whether an applicable Allow of the trust policy names the caller itself
+/// (its ARN, its role for a session, or `*`) rather than its account.
+fn names_caller(trust: &PolicyDocument, ctx: &RequestContext<'_>) -> bool {
+    use crate::auth::policy::{AwsPrincipal, Effect, Principal};
+    trust.statements().iter().any(|s| {
+        s.effect == Effect::Allow
+            && s.applies(ctx)
+            && match &s.principal {
+                Some(Principal::Anyone) => true,
+                Some(Principal::Listed { aws, .. }) => aws.iter().any(|a| {
+                    matches!(a, AwsPrincipal::Anyone)
+                        || (matches!(a, AwsPrincipal::Arn(_)) && a.matches(ctx))
+                }),
+                None => false,
+            }
+    })
 }
 
 /// A trust policy as IAM takes it: its statements name principals and no

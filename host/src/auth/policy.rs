@@ -926,7 +926,7 @@ fn instant(text: &str) -> Option<i128> {
     use time::format_description::well_known::{Iso8601, Rfc3339};
     let text = text.trim();
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return text.parse::<i128>().ok().map(|s| s * 1000);
+        return text.parse::<i128>().ok().and_then(|s| s.checked_mul(1000));
     }
     let at = time::OffsetDateTime::parse(text, &Rfc3339)
         .or_else(|_| time::OffsetDateTime::parse(text, &Iso8601::DEFAULT))
@@ -1929,6 +1929,14 @@ mod tests {
             &[("aws:EpochTime", "1796378400")]
         ));
         assert!(holds("DateNotEquals", t, json!("2026-12-04"), &now));
+        // Digits beyond any instant: not a date, no overflow.
+        let huge = "9".repeat(40);
+        assert!(!holds(
+            "DateGreaterThan",
+            t,
+            json!("2026-12-04"),
+            &[(t, huge.as_str())]
+        ));
         // Bool, Binary.
         assert!(holds(
             "Bool",

@@ -209,7 +209,7 @@ pub struct Environment {
     // maintainer that replaces it finds the capacity free).
     env: Box<dyn ExecutionEnvironment>,
     _dir: EnvironmentDir,
-    _reservation: super::Reservation,
+    pub(super) _reservation: super::Reservation,
     lease: Option<ProvisionedLease>,
     created: Instant,
     /// Its log stream's name.
@@ -289,6 +289,14 @@ impl IdleEnvironments {
 
     pub(super) fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// MiB of the memory budget these environments hold.
+    pub(super) fn reserved_mb(&self) -> u64 {
+        self.lock()
+            .iter()
+            .map(|(e, _)| e._reservation.memory_mb())
+            .sum()
     }
 
     /// When the longest-idle environment became idle.

@@ -845,6 +845,19 @@ impl DataPlane {
     /// environments of any function (dropped to make room), else
     /// throttled.
     fn acquire_capacity(&self, memory_mb: u32) -> Result<Reservation, InvokeError> {
+        let too_much = || InvokeError::MemoryBudget {
+            needed_mb: memory_mb,
+            budget_mb: self.config.memory_budget_mb,
+        };
+        if u64::from(memory_mb) > self.config.memory_budget_mb {
+            return Err(too_much());
+        }
+        // Evict only when that makes enough room: a function that cannot
+        // fit must not cost every other function its warm environments.
+        let idle_mb: u64 = self.slots().iter().map(|s| s.idle.reserved_mb()).sum();
+        if self.memory.available_permits() as u64 + idle_mb < u64::from(memory_mb) {
+            return Err(too_much());
+        }
         let mut slot = None;
         loop {
             if slot.is_none() {
@@ -854,7 +867,7 @@ impl DataPlane {
             if let (Some(_), Some(memory)) = (&slot, memory) {
                 return Ok(Reservation {
                     _slot: slot.take().expect("checked above"),
-                    _memory: memory,
+                    memory,
                 });
             }
             let oldest = self
@@ -872,12 +885,7 @@ impl DataPlane {
                         reason: "ConcurrentInvocationLimitExceeded",
                     });
                 }
-                None => {
-                    return Err(InvokeError::MemoryBudget {
-                        needed_mb: memory_mb,
-                        budget_mb: self.config.memory_budget_mb,
-                    });
-                }
+                None => return Err(too_much()),
             }
         }
     }
@@ -912,7 +920,14 @@ fn record_memory(record: &FunctionRecord) -> u32 {
 #[derive(Debug)]
 pub(crate) struct Reservation {
     _slot: tokio::sync::OwnedSemaphorePermit,
-    _memory: tokio::sync::OwnedSemaphorePermit,
+    memory: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Reservation {
+    /// MiB of the memory budget held.
+    pub(crate) fn memory_mb(&self) -> u64 {
+        self.memory.num_permits() as u64
+    }
 }
 
 /// The error type of a failed outcome, as the console lists it.

@@ -112,6 +112,29 @@ impl MicroVmSandbox {
     }
 }
 
+/// The first symbolic link under `dir`, as a path relative to it.
+fn first_link(dir: &Path) -> Option<String> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).ok()?.flatten() {
+            let kind = entry.file_type().ok()?;
+            if kind.is_symlink() {
+                let path = entry.path();
+                return Some(
+                    path.strip_prefix(dir)
+                        .unwrap_or(&path)
+                        .display()
+                        .to_string(),
+                );
+            }
+            if kind.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    None
+}
+
 /// How long the boot probe waits for a guest's agent.
 pub const PROBE_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -247,7 +270,8 @@ fn pieces(dir: &Path, root: CodeRoot) -> std::io::Result<Vec<FilePiece>> {
                     });
                 }
             }
-            // Symlinks and special files never reach the code store.
+            // Symbolic links are refused at `prepare`; special files never
+            // reach the code store.
         }
     }
     Ok(out)
@@ -260,6 +284,14 @@ impl Sandbox for MicroVmSandbox {
     }
 
     async fn prepare(&self, code: &CodeSpec) -> Result<PreparedCode, SandboxError> {
+        // The code is copied into the guest file by file, and links are not
+        // carried yet: say so now rather than fail inside the guest.
+        if let Some(link) = first_link(&code.task_dir) {
+            return Err(SandboxError::InvalidCode(format!(
+                "the archive holds the symbolic link {link:?}, which microVM environments do not \
+                 carry yet; replace it with the file it points to"
+            )));
+        }
         match runtimes::lookup(&code.runtime).map(|r| r.family) {
             Some(Family::Native) => Ok(PreparedCode::new(SandboxKind::MicroVm, VmCode::Native)),
             Some(Family::Wasm) => {

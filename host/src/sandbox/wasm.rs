@@ -77,13 +77,19 @@ impl Sandbox for WasmSandbox {
                 code.handler
             ))
         })?;
-        let path = code.task_dir.join(rel);
-        let (runtime, key, handler) =
-            (self.runtime.clone(), code.key.clone(), code.handler.clone());
+        let (task_dir, runtime, key, handler) = (
+            code.task_dir.clone(),
+            self.runtime.clone(),
+            code.key.clone(),
+            code.handler.clone(),
+        );
         let compiled = tokio::task::spawn_blocking(move || {
-            runtime.load(&key, || match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.is_file() => std::fs::read(&path),
-                _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "missing")),
+            runtime.load(&key, || {
+                // Links are followed only while they stay in the code.
+                match crate::store::artifacts::inside(&task_dir, &rel) {
+                    Some(path) if path.is_file() => std::fs::read(&path),
+                    _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "missing")),
+                }
             })
         })
         .await

@@ -232,7 +232,11 @@ impl ArtifactStore {
     /// Reads one unpacked file, `path` being relative to the archive root.
     pub fn read_file(&self, sha256_hex: &str, path: &str) -> Result<Vec<u8>, ArtifactError> {
         let rel = safe_relative(path).ok_or_else(|| ArtifactError::MissingFile(path.to_owned()))?;
-        let full = self.ensure_dir(sha256_hex)?.join(rel);
+        let dir = self.ensure_dir(sha256_hex)?;
+        let full = match inside(&dir, &rel) {
+            Some(p) => p,
+            None => return Err(ArtifactError::MissingFile(path.to_owned())),
+        };
         match fs::symlink_metadata(&full) {
             Ok(m) if m.is_file() => Ok(fs::read(&full)?),
             Ok(_) => Err(ArtifactError::MissingFile(path.to_owned())),
@@ -442,6 +446,15 @@ fn overlay(src: &Path, dest: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// `root/rel` with its links resolved, if it is under `root` (also after
+/// resolving): for the host's own reads of files in an unpacked archive,
+/// which must never follow a link out of it.
+pub fn inside(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let root = root.canonicalize().ok()?;
+    let full = root.join(rel).canonicalize().ok()?;
+    full.starts_with(&root).then_some(full)
+}
+
 /// A path inside an archive, as a relative path without `.`/`..` tricks.
 pub fn safe_relative(path: &str) -> Option<PathBuf> {
     if path.is_empty() || path.contains('\0') || path.contains('\\') {
@@ -468,19 +481,23 @@ const S_IFLNK: u32 = 0o120_000;
 const MAX_LINK: usize = 4096;
 
 /// Whether a link at `link` (a safe relative path in the archive) pointing
-/// at `target` resolves inside the archive: relative, and never above the
-/// root when its `..`s are followed from the link's directory.
+/// at `target` resolves inside the archive: relative, its `..`s all
+/// leading (so they climb real directories: a link's own path never passes
+/// through a link, see `unpack`) and never above the root. A `..` after a
+/// name is refused: the name may be another link, and `d/..` is then not
+/// where it seems (`d -> .`, `up -> d/d/../..`).
 fn link_stays_inside(link: &Path, target: &str) -> bool {
     if target.is_empty() || target.starts_with('/') || target.contains('\0') {
         return false;
     }
     let mut depth = link.components().count().saturating_sub(1);
+    let mut descended = false;
     for part in target.split('/') {
         match part {
             "" | "." => {}
-            ".." if depth == 0 => return false,
+            ".." if descended || depth == 0 => return false,
             ".." => depth -= 1,
-            _ => depth += 1,
+            _ => descended = true,
         }
     }
     true
@@ -669,15 +686,18 @@ fn repeated_name(zip: &[u8]) -> Option<String> {
     None
 }
 
+/// Bytes of the regular files under `dir`; links are not followed.
 fn tree_size(dir: &Path) -> io::Result<u64> {
     let mut total = 0;
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        let meta = entry.metadata()?;
-        total += if meta.is_dir() {
+        let kind = entry.file_type()?;
+        total += if kind.is_dir() {
             tree_size(&entry.path())?
+        } else if kind.is_file() {
+            entry.metadata()?.len()
         } else {
-            meta.len()
+            0
         };
     }
     Ok(total)
@@ -864,6 +884,17 @@ pub(crate) mod tests {
         assert!(link_stays_inside(Path::new("a/b/l"), "../c/./d"));
         assert!(!link_stays_inside(Path::new("a/l"), "../../x"));
         assert!(link_stays_inside(Path::new("a/l"), "../x"));
+        // `..` after a name: the name may be a link (`d -> .`).
+        assert!(!link_stays_inside(Path::new("up"), "d/d/../.."));
+        assert!(!link_stays_inside(Path::new("a/l"), "../x/../y"));
+        let chain = zip_of(&[
+            ("d", S_IFLNK | 0o777, b"."),
+            ("up", S_IFLNK | 0o777, b"d/d/d/d/../../../../.."),
+        ]);
+        assert!(matches!(
+            store.put(&chain),
+            Err(ArtifactError::Entry { .. })
+        ));
         // Layers keep their links when merged.
         let other = store.put(&zip_of(&[("lib/extra", 0o644, b"x")])).unwrap();
         let merged = store

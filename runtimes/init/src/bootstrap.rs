@@ -208,8 +208,8 @@ impl Bootstrap {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // SAFETY: the closure runs between fork and exec and makes only
-        // async-signal-safe calls (setsid, open, write, close, close_range)
-        // on stack data.
+        // async-signal-safe calls (setsid, close_range, getrlimit, fcntl,
+        // prctl, open, write, close) on stack data.
         unsafe {
             command.pre_exec(|| {
                 // Its own process group, so that it can be stopped whole.
@@ -228,18 +228,32 @@ impl Bootstrap {
                     CLOSE_RANGE_CLOEXEC,
                 ) == -1
                 {
-                    return Err(io::Error::last_os_error());
+                    // Kernels before 5.11: one by one, up to the limit.
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                        limit.rlim_cur.min(1 << 20) as libc::c_int
+                    } else {
+                        4096
+                    };
+                    for fd in 3..max {
+                        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                    }
                 }
-                // The agent protects itself from the OOM killer; the
-                // function must not inherit that. Dumpable again first (it
-                // becomes the function's own process anyway): a process
-                // that changed its uid is not, and its /proc files are
-                // then root's.
+                // The function is the OOM killer's first choice, before
+                // the agent that reports what happened to it. Raising a
+                // score needs no privilege, and nothing privileged ever
+                // lowered the agent's (which would let the function lower
+                // its own as far). Dumpable again first (it becomes the
+                // function's own process anyway): a process that changed
+                // its uid is not, and its /proc files are then root's.
                 libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
                 let path = c"/proc/self/oom_score_adj";
                 let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
                 if fd >= 0 {
-                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::write(fd, b"1000".as_ptr().cast(), 4);
                     libc::close(fd);
                 }
                 Ok(())

@@ -200,11 +200,6 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     )?;
     set_limit(libc::RLIMIT_NOFILE, spec.nofile)?;
     set_limit(libc::RLIMIT_CORE, 0)?;
-    // The agent should outlive a function that runs out of memory; the
-    // function's processes reset this to 0 when they start. Lowering the
-    // score needs CAP_SYS_RESOURCE, which some hosts withhold; without it
-    // the OOM killer still picks the far larger function process.
-    let _ = fs::write("/proc/self/oom_score_adj", b"-1000");
 
     // 6. a user namespace, then privileges.
     enter_user_namespace(ask_write, answer_read)?;

@@ -133,14 +133,28 @@ fn run(mut channel: File, in_vm: bool) -> Result<(), String> {
 /// close-on-exec.
 fn close_inherited(channel: RawFd) {
     let channel = channel as libc::c_uint;
-    // SAFETY: close_range and fcntl take integers and touch only this
-    // process's descriptor table, before any thread or other descriptor
-    // exists.
+    // SAFETY: close_range, close, getrlimit and fcntl take integers (and a
+    // struct we own) and touch only this process's descriptor table, before
+    // any thread or other descriptor exists.
     unsafe {
         if channel > 3 {
             libc::syscall(libc::SYS_close_range, 3, channel - 1, 0);
         }
-        libc::syscall(libc::SYS_close_range, channel + 1, libc::c_uint::MAX, 0);
+        if libc::syscall(libc::SYS_close_range, channel + 1, libc::c_uint::MAX, 0) == -1 {
+            // Kernels before 5.9: one by one, up to the limit.
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur.min(1 << 20) as RawFd
+            } else {
+                4096
+            };
+            for fd in (channel as RawFd + 1)..max {
+                libc::close(fd);
+            }
+        }
         let flags = libc::fcntl(channel as RawFd, libc::F_GETFD);
         libc::fcntl(channel as RawFd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
     }

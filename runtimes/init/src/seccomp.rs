@@ -204,7 +204,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_sigaltstack,
     libc::SYS_signalfd,
     libc::SYS_signalfd4,
-    libc::SYS_socket,
     libc::SYS_socketpair,
     libc::SYS_splice,
     libc::SYS_stat,
@@ -238,6 +237,14 @@ const ALLOWED: &[i64] = &[
     libc::SYS_waitid,
     libc::SYS_write,
     libc::SYS_writev,
+];
+
+/// Address families `socket` may create.
+const SOCKET_FAMILIES: [libc::c_int; 4] = [
+    libc::AF_UNIX,
+    libc::AF_INET,
+    libc::AF_INET6,
+    libc::AF_NETLINK,
 ];
 
 /// `clone` flags that would create namespaces.
@@ -277,6 +284,27 @@ pub fn policy() -> Result<Vec<BpfProgram>, PolicyError> {
             ])
             .map_err(err)?,
         ],
+    );
+    // Sockets of the families runtimes use: local, IPv4, IPv6, and netlink
+    // (C libraries list interfaces with it; the environment has only
+    // loopback). Not packet, crypto (AF_ALG), vsock or the rest.
+    rules.insert(
+        libc::SYS_socket,
+        SOCKET_FAMILIES
+            .iter()
+            .map(|&family| {
+                SeccompRule::new(vec![
+                    SeccompCondition::new(
+                        0,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        family as u64,
+                    )
+                    .map_err(err)?,
+                ])
+                .map_err(err)
+            })
+            .collect::<Result<_, _>>()?,
     );
     // The second filter decides clone3.
     rules.insert(libc::SYS_clone3, Vec::new());
@@ -375,6 +403,15 @@ mod tests {
             // SAFETY: as above; clone3 with a null argument.
             let clone3 = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
             let clone3_errno = errno();
+            // SAFETY: as above; an AF_PACKET socket, refused.
+            let packet = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            let packet_errno = errno();
+            assert_eq!((packet, packet_errno), (-1, Some(libc::EPERM)));
+            // SAFETY: an allowed socket, closed at once.
+            let inet = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            assert!(inet >= 0);
+            // SAFETY: closing the descriptor just made.
+            unsafe { libc::close(inet) };
             // SAFETY: an allowed call writing into a local.
             let pid = unsafe { libc::getpid() };
             (
