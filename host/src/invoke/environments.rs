@@ -20,11 +20,27 @@ use crate::sandbox::{ExecutionEnvironment, InvocationReport, InvocationRequest};
 
 /// Where environments keep their scratch space: `<root>/<env-id>/tmp`, a
 /// disk of its own where the host can mount one (see `sandbox::scratch`).
+/// Making a disk takes milliseconds, so a few directories with a disk of
+/// the default EphemeralStorage are kept ready (a cold start takes one, a
+/// thread makes the next).
 #[derive(Debug, Clone)]
 pub struct EnvironmentsDir {
     root: PathBuf,
     scratch: Option<crate::sandbox::scratch::Scratch>,
+    ready: Option<Arc<ReadyDirs>>,
 }
+
+/// Environment directories made ahead with a disk of [`READY_MB`].
+#[derive(Debug, Default)]
+struct ReadyDirs {
+    dirs: Mutex<Vec<EnvironmentDir>>,
+    wanted: std::sync::Condvar,
+}
+
+/// The size of the disks made ahead: Lambda's default EphemeralStorage.
+const READY_MB: u32 = 512;
+/// How many are kept ready.
+const READY_DIRS: usize = 8;
 
 impl EnvironmentsDir {
     /// Opens `root`, removing what environments of an earlier process left
@@ -43,12 +59,25 @@ impl EnvironmentsDir {
         Ok(Self {
             root,
             scratch: None,
+            ready: None,
         })
     }
 
-    /// Gives every new environment a `/tmp` disk of its EphemeralStorage.
+    /// Gives every new environment a `/tmp` disk of its EphemeralStorage,
+    /// and starts the thread that keeps directories with a disk of the
+    /// default size ready.
     pub fn with_scratch(mut self, scratch: crate::sandbox::scratch::Scratch) -> Self {
         self.scratch = Some(scratch);
+        let ready = Arc::new(ReadyDirs::default());
+        let maker = self.clone();
+        let weak = Arc::downgrade(&ready);
+        let started = std::thread::Builder::new()
+            .name("kiln-scratch".into())
+            .spawn(move || keep_ready(&maker, &weak));
+        match started {
+            Ok(_) => self.ready = Some(ready),
+            Err(e) => tracing::warn!(error = %e, "no thread to make environment disks ahead"),
+        }
         self
     }
 
@@ -61,6 +90,19 @@ impl EnvironmentsDir {
     /// Creates the directory of a new environment, with a `/tmp` of
     /// `tmp_mb` MiB.
     pub fn create(&self, tmp_mb: u32) -> io::Result<EnvironmentDir> {
+        if tmp_mb == READY_MB
+            && let Some(ready) = &self.ready
+        {
+            let taken = ready.dirs.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            ready.wanted.notify_one();
+            if let Some(dir) = taken {
+                return Ok(dir);
+            }
+        }
+        self.make(tmp_mb)
+    }
+
+    fn make(&self, tmp_mb: u32) -> io::Result<EnvironmentDir> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let path = self.root.join(&id);
         fs::create_dir_all(path.join("tmp"))?;
@@ -73,6 +115,37 @@ impl EnvironmentsDir {
             dir.disk = Some(scratch.mount(&dir.path, tmp_mb)?);
         }
         Ok(dir)
+    }
+}
+
+/// The ready-directory maker's loop: tops the pool up to [`READY_DIRS`]
+/// whenever one is taken; ends when the pool's owner is gone.
+fn keep_ready(maker: &EnvironmentsDir, ready: &std::sync::Weak<ReadyDirs>) {
+    loop {
+        let Some(pool) = ready.upgrade() else { return };
+        let short = {
+            let dirs = pool.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            let dirs = pool
+                .wanted
+                .wait_timeout_while(dirs, Duration::from_secs(1), |d| d.len() >= READY_DIRS)
+                .map_or_else(|p| p.into_inner().0, |(d, _)| d);
+            dirs.len() < READY_DIRS
+        };
+        if !short {
+            continue;
+        }
+        match maker.make(READY_MB) {
+            Ok(dir) => pool
+                .dirs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(dir),
+            Err(e) => {
+                tracing::warn!(error = %e, "making an environment disk ahead");
+                drop(pool);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
     }
 }
 
