@@ -487,7 +487,8 @@ pub(crate) async fn start_environment(
         reader,
         writer,
         child: Some(child),
-        cgroup: Some(cgroup),
+        cgroup: Some(Arc::new(cgroup)),
+        freezing: None,
         failed: false,
         log_capacity,
         _relay: relay,
@@ -569,7 +570,9 @@ struct JailEnvironment {
     reader: OwnedReadHalf,
     writer: OwnedWriteHalf,
     child: Option<Child>,
-    cgroup: Option<EnvCgroup>,
+    cgroup: Option<Arc<EnvCgroup>>,
+    /// The freeze after its last invocation, while it is being written.
+    freezing: Option<tokio::task::JoinHandle<()>>,
     failed: bool,
     log_capacity: usize,
     _relay: Option<super::relay::EnvironmentRelay>,
@@ -579,7 +582,7 @@ impl JailEnvironment {
     fn peak_memory(&self) -> u64 {
         self.cgroup
             .as_ref()
-            .and_then(EnvCgroup::peak_memory)
+            .and_then(|c| c.peak_memory())
             .unwrap_or(0)
     }
 
@@ -602,7 +605,23 @@ impl JailEnvironment {
         }
     }
 
-    fn thaw(&self) {
+    /// Freezes the environment off the caller's path: the next `thaw`
+    /// waits for it.
+    fn freeze_after(&mut self) {
+        let Some(cgroup) = self.cgroup.clone() else {
+            return;
+        };
+        self.freezing = Some(tokio::spawn(async move {
+            if !cgroup.freeze() {
+                tracing::warn!("an environment's cgroup could not be frozen");
+            }
+        }));
+    }
+
+    async fn thaw(&mut self) {
+        if let Some(freezing) = self.freezing.take() {
+            let _ = freezing.await;
+        }
         if let Some(cgroup) = &self.cgroup {
             cgroup.thaw();
         }
@@ -688,8 +707,8 @@ impl ExecutionEnvironment for JailEnvironment {
                 max_memory_bytes: 0,
             };
         }
-        self.thaw();
-        let oom_kills = self.cgroup.as_ref().map_or(0, EnvCgroup::oom_kills);
+        self.thaw().await;
+        let oom_kills = self.cgroup.as_ref().map_or(0, |c| c.oom_kills());
         let deadline_ms = SystemTime::now()
             .checked_add(request.timeout)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -770,8 +789,9 @@ impl ExecutionEnvironment for JailEnvironment {
             self.kill();
         } else {
             // Answered: the environment stops until its next invocation,
-            // whatever the function left running.
-            self.freeze();
+            // whatever the function left running (the caller need not
+            // wait for that).
+            self.freeze_after();
         }
         InvocationReport {
             outcome,

@@ -156,18 +156,31 @@ fn main() {
             "spin_child" => {
                 let name =
                     std::ffi::CString::new(arg.as_str().unwrap_or("kspin")).unwrap_or_default();
-                // SAFETY: the child only names itself and spins; it never
-                // returns into the runtime.
+                let mut named = [0i32; 2];
+                // SAFETY: pipe writes two descriptors into the array.
+                unsafe { libc::pipe(named.as_mut_ptr()) };
+                // SAFETY: the child only names itself, says so and spins;
+                // it never returns into the runtime.
                 let pid = unsafe { libc::fork() };
                 if pid == 0 {
-                    // SAFETY: PR_SET_NAME reads a NUL-terminated string.
+                    // SAFETY: PR_SET_NAME reads a NUL-terminated string;
+                    // the write is of a live byte.
                     unsafe {
-                        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0)
-                    };
+                        libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0);
+                        libc::write(named[1], b"n".as_ptr().cast(), 1);
+                    }
                     let mut x: u64 = 0;
                     loop {
                         x = std::hint::black_box(x.wrapping_add(1));
                     }
+                }
+                // Answer once the child has its name: the host looks for it.
+                let mut byte = [0u8; 1];
+                // SAFETY: a read into a live byte, then closing our ends.
+                unsafe {
+                    libc::read(named[0], byte.as_mut_ptr().cast(), 1);
+                    libc::close(named[0]);
+                    libc::close(named[1]);
                 }
                 Ok(json!({"child": pid}))
             }
