@@ -14,6 +14,8 @@ data_dir="${KILN_DATA_DIR:-.kiln}"
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v musl-gcc >/dev/null || need+=(musl-tools)
+# Environments' /tmp disks are ext4 file systems kiln makes with mkfs.ext4.
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 if ((${#need[@]})); then
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
 fi

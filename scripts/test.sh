@@ -19,6 +19,8 @@ step "Debian packages"
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v musl-gcc >/dev/null || need+=(musl-tools)
+# Environments' /tmp disks are ext4 file systems kiln makes with mkfs.ext4.
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)

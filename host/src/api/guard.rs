@@ -200,11 +200,7 @@ async fn signed_caller(
     body: Body,
     now: time::OffsetDateTime,
 ) -> Result<(crate::auth::Authenticated, axum::body::Bytes), Response> {
-    let headers: Vec<(&str, &[u8])> = parts
-        .headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_bytes()))
-        .collect();
+    let headers = super::header_pairs(&parts.headers);
     let head = Incoming {
         method: parts.method.as_str(),
         path: parts.uri.path(),

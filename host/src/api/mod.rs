@@ -248,6 +248,14 @@ pub(crate) fn listing<T: serde::Serialize>(
     axum::Json(body.into())
 }
 
+/// A request's headers as signature verification takes them.
+pub(crate) fn header_pairs(headers: &axum::http::HeaderMap) -> Vec<(&str, &[u8])> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect()
+}
+
 /// The host the caller used, for links back to this server.
 pub(crate) fn host(headers: &axum::http::HeaderMap) -> String {
     headers

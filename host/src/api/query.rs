@@ -151,11 +151,7 @@ pub(super) async fn handle(State(s): State<AppState>, request: Request) -> Respo
         .into_response();
     };
     let namespace = if service == "iam" { IAM_NS } else { STS_NS };
-    let headers: Vec<(&str, &[u8])> = parts
-        .headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_bytes()))
-        .collect();
+    let headers = super::header_pairs(&parts.headers);
     let incoming = Incoming {
         method: parts.method.as_str(),
         path: parts.uri.path(),
@@ -349,6 +345,19 @@ fn lower_first(name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Authorizes an IAM action on the role `name` of this account.
+fn authorize_role(
+    s: &AppState,
+    caller: &Authenticated,
+    action: &str,
+    name: &str,
+    source: Option<SocketAddr>,
+    now: time::OffsetDateTime,
+) -> Result<(), QueryError> {
+    let arn = format!("arn:aws:iam::{}:role/{name}", s.control.arn().account_id);
+    authorize(s, caller, action, &arn, source, now)
+}
+
 /// Authorizes an IAM or STS action on a role for a caller that is not root.
 fn authorize(
     s: &AppState,
@@ -389,27 +398,13 @@ async fn act(
         "CreateRole" => {
             let name = role_name(form)?;
             let trust = trust_policy(required(form, "AssumeRolePolicyDocument")?)?;
-            authorize(
-                s,
-                caller,
-                "iam:CreateRole",
-                &format!("arn:aws:iam::{account}:role/{name}"),
-                source,
-                now,
-            )?;
+            authorize_role(s, caller, "iam:CreateRole", &name, source, now)?;
             let role = with_credentials(s, move |c| c.create_role_with_trust(&name, trust)).await?;
             Ok(format!("<Role>{}</Role>", role_xml(&role)))
         }
         "GetRole" => {
             let name = role_name(form)?;
-            authorize(
-                s,
-                caller,
-                "iam:GetRole",
-                &format!("arn:aws:iam::{account}:role/{name}"),
-                source,
-                now,
-            )?;
+            authorize_role(s, caller, "iam:GetRole", &name, source, now)?;
             let role = with_credentials(s, move |c| {
                 c.role(&name)?.ok_or_else(|| {
                     KeyError::NotFound(format!("The role with name {name} cannot be found."))
@@ -421,14 +416,7 @@ async fn act(
         "AttachRolePolicy" => {
             let name = role_name(form)?;
             let policy = required(form, "PolicyArn")?.to_owned();
-            authorize(
-                s,
-                caller,
-                "iam:AttachRolePolicy",
-                &format!("arn:aws:iam::{account}:role/{name}"),
-                source,
-                now,
-            )?;
+            authorize_role(s, caller, "iam:AttachRolePolicy", &name, source, now)?;
             if crate::auth::keys::managed_policy(&policy).is_none() {
                 return Err(QueryError::new(
                     StatusCode::NOT_FOUND,
@@ -453,14 +441,7 @@ async fn act(
         "UpdateAssumeRolePolicy" => {
             let name = role_name(form)?;
             let trust = trust_policy(required(form, "PolicyDocument")?)?;
-            authorize(
-                s,
-                caller,
-                "iam:UpdateAssumeRolePolicy",
-                &format!("arn:aws:iam::{account}:role/{name}"),
-                source,
-                now,
-            )?;
+            authorize_role(s, caller, "iam:UpdateAssumeRolePolicy", &name, source, now)?;
             with_credentials(s, move |c| {
                 c.update_role(&name, |role| role.assume_role_policy = Some(trust))
             })
