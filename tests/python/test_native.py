@@ -275,14 +275,16 @@ def test_two_versions_never_share_an_environment(lam, artifacts):
 def test_a_killed_server_leaves_no_jail_behind(tmp_path, artifacts):
     data = tmp_path / "data"
     srv = KilnServer(data).start()
-    lam = srv.client()
-    native(lam, "orphan", artifacts["native-misbehave"])
-    assert call(lam, "orphan", {"action": "echo", "arg": 1})[1] == 1
-    # The environment's directory holds its jail's root (the others are
-    # directories made ahead for environments to come).
-    envs = [d for d in (data / "envs").iterdir() if (d / "root").exists()]
-    assert len(envs) == 1
-    srv.kill()
+    try:
+        lam = srv.client()
+        native(lam, "orphan", artifacts["native-misbehave"])
+        assert call(lam, "orphan", {"action": "echo", "arg": 1})[1] == 1
+        # The environment's directory holds its jail's root (the others are
+        # directories made ahead for environments to come).
+        envs = [d for d in (data / "envs").iterdir() if (d / "root").exists()]
+        assert len(envs) == 1
+    finally:
+        srv.kill()
     # The agent dies with the server (parent-death signal); its jail's
     # processes with it (PID namespace).
     deadline = time.monotonic() + 10

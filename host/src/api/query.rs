@@ -57,6 +57,10 @@ impl QueryError {
     fn validation(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "ValidationError", message)
     }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "ServiceFailure", message)
+    }
 }
 
 impl IntoResponse for QueryError {
@@ -219,14 +223,8 @@ pub(super) async fn handle(State(s): State<AppState>, request: Request) -> Respo
         }
         response
     });
-    task.await.unwrap_or_else(|e| {
-        QueryError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "ServiceFailure",
-            e.to_string(),
-        )
-        .into_response()
-    })
+    task.await
+        .unwrap_or_else(|e| QueryError::internal(e.to_string()).into_response())
 }
 
 /// The form without what must not be kept (nothing here is secret but the
@@ -267,11 +265,7 @@ fn refusal(e: AuthError) -> QueryError {
         AuthError::Denied(m) => QueryError::new(StatusCode::FORBIDDEN, "AccessDenied", m),
         AuthError::Keys(e) => {
             tracing::error!(error = %e, "credential store");
-            QueryError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "ServiceFailure",
-                "The credential store failed; see the server log",
-            )
+            QueryError::internal("The credential store failed; see the server log")
         }
     }
 }
@@ -285,11 +279,7 @@ fn key_error(e: KeyError) -> QueryError {
         KeyError::Invalid(m) => QueryError::validation(m),
         other => {
             tracing::error!(error = %other, "credential store");
-            QueryError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "ServiceFailure",
-                "The credential store failed; see the server log",
-            )
+            QueryError::internal("The credential store failed; see the server log")
         }
     }
 }
@@ -301,13 +291,7 @@ async fn with_credentials<T: Send + 'static>(
     let credentials = s.auth.credentials().clone();
     tokio::task::spawn_blocking(move || f(&credentials))
         .await
-        .map_err(|e| {
-            QueryError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "ServiceFailure",
-                e.to_string(),
-            )
-        })?
+        .map_err(|e| QueryError::internal(e.to_string()))?
         .map_err(key_error)
 }
 
@@ -560,26 +544,18 @@ async fn assume_role(
             ));
         }
     }
-    let credentials = s.auth.credentials().clone();
-    let issued = tokio::task::spawn_blocking({
+    let issued = with_credentials(s, {
         let (role, session) = (role.clone(), session.clone());
-        move || {
-            credentials.issue_session(
+        move |credentials| {
+            Ok(credentials.issue_session(
                 &role,
                 &session,
                 std::time::Duration::from_secs(seconds),
                 None,
-            )
+            ))
         }
     })
-    .await
-    .map_err(|e| {
-        QueryError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "ServiceFailure",
-            e.to_string(),
-        )
-    })?;
+    .await?;
     let expiration = time::OffsetDateTime::from_unix_timestamp(issued.expires)
         .ok()
         .and_then(|t| {

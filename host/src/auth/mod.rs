@@ -371,3 +371,47 @@ fn secret_matches(known: Option<&str>, given: &str) -> bool {
             .is_ok();
     same && exists
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_match_only_for_a_known_key() {
+        let secret = "0123456789012345678901234567890123456789";
+        assert!(secret_matches(Some(secret), secret));
+        assert!(!secret_matches(Some(secret), "x"));
+        // The stand-in compared for an unknown key never matches.
+        assert!(!secret_matches(
+            None,
+            "0000000000000000000000000000000000000000"
+        ));
+        assert!(!secret_matches(None, secret));
+    }
+
+    /// An unknown key id takes as long to refuse as a wrong secret: both
+    /// compare 40 bytes (medians of batches, so that a busy machine
+    /// shifts both alike).
+    #[test]
+    fn an_unknown_key_is_not_refused_faster() {
+        let known = "0123456789012345678901234567890123456789";
+        let given = "0123456789012345678901234567890123456780";
+        let median = |f: &dyn Fn() -> bool| {
+            let mut batches: Vec<std::time::Duration> = (0..31)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    for _ in 0..2000 {
+                        std::hint::black_box(f());
+                    }
+                    start.elapsed()
+                })
+                .collect();
+            batches.sort();
+            batches[15]
+        };
+        let wrong = median(&|| secret_matches(std::hint::black_box(Some(known)), given));
+        let unknown = median(&|| secret_matches(std::hint::black_box(None), given));
+        let ratio = unknown.as_secs_f64() / wrong.as_secs_f64();
+        assert!(ratio > 0.5, "unknown {unknown:?}, wrong secret {wrong:?}");
+    }
+}
